@@ -1,0 +1,31 @@
+# Two commands do all set-up on a fresh machine:  make demo   and   make test
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: demo test test-fast bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU build of torch first (a plain `torch` requirement would pull the multi-GB CUDA build).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*; touch $@
+
+## The main job: a real demo sweep (Ray Tune + Ray Train/DeepSpeed, local MLflow store) then the analyzer.
+demo: $(STAMP)
+	$(VENV)/bin/protscale demo
+
+## The whole test suite (slow end-to-end tests included), as CI runs it.
+test: $(STAMP)
+	$(VENV)/bin/pytest -q -ra
+
+## Everything but the slow end-to-end tests.
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -ra -m "not slow"
+
+clean:
+	rm -rf .demo runs mlflow.db

@@ -1,0 +1,52 @@
+"""The ``protscale`` command. Each stage registers its own sub-commands from ``<stage>/cli.py``.
+
+Heavy imports (torch, ray, mlflow) happen inside the handlers, so ``protscale --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Stage modules, in data-flow order; each has ``add_commands(subparsers)``.
+STAGES = (
+    "protscale.data.cli",
+    "protscale.tracking.cli",
+    "protscale.train.cli",
+    "protscale.sweep.cli",
+    "protscale.analysis.cli",
+    "protscale.cluster.cli",
+)
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line (no traceback), exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="protscale",
+        description="Compute-optimal protein language models: prepare data, train trials and sweeps "
+        "(Ray Tune + Ray Train/DeepSpeed), track them in MLflow, fit scaling laws, plan budgets.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in STAGES:
+        importlib.import_module(name).add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"protscale {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"protscale {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

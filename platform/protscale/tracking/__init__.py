@@ -1,0 +1,1 @@
+"""The MLflow tracking contract (``contract``) and the trial-side run writer (``runs``)."""
