@@ -1,1 +1,1 @@
-"""model stage."""
+"""The transformer (``transformer``) and its size grid, parameter counts and FLOPs (``sizes``)."""
