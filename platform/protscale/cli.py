@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"protscale {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:        # `protscale ... | head`
+        return 0
     except KeyboardInterrupt:
         print(f"protscale {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -89,7 +89,8 @@ def write_split(root: Path, split: str, rows: PackedRows, rows_per_shard: int = 
         tokens = pa.ListArray.from_arrays(offsets, flat)
         seq_lens = pa.array([s.tolist() for s in rows.seq_lens[start:stop]], type=pa.list_(pa.int32()))
         name = f"{split}/part-{i:05d}.parquet"
-        pq.write_table(pa.Table.from_arrays([tokens, seq_lens], schema=SCHEMA), Path(root) / name)
+        pq.write_table(pa.Table.from_arrays([tokens, seq_lens], schema=SCHEMA), Path(root) / name,
+                       compression="zstd")
         names.append(name)
     return names
 

@@ -142,20 +142,20 @@ class ProteinLM(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, tokens: torch.Tensor, pos_ids: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
-        """Logits (B, S, vocab) for tokens (B, S)."""
+    def forward(self, tokens: torch.Tensor, pos_ids: torch.Tensor, doc_ids: torch.Tensor,
+                labels: torch.Tensor | None = None):
+        """Logits (B, S, vocab) for tokens (B, S); with ``labels``, the mean cross-entropy over the
+        positions whose label is not IGNORE_INDEX instead."""
         impl = resolve_attention(self.cfg.attention, tokens.device)
         mask = document_mask(doc_ids, self.cfg.causal) if impl == "sdpa" else None
         varlen = cu_seqlens(doc_ids) if impl == "flash" else None
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x, pos_ids, doc_ids, impl, mask, varlen)
-        return F.linear(self.norm(x), self.embed.weight, self.head_bias)
-
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy over the positions whose label is not IGNORE_INDEX."""
-        logits = self(batch["tokens"], batch["pos_ids"], batch["doc_ids"])
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        logits = F.linear(self.norm(x), self.embed.weight, self.head_bias)
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
 
     def count_parameters(self) -> tuple[int, int]:
         """(n_params, n_params_non_embedding) counted from the module itself."""

@@ -1,5 +1,82 @@
-"""Sub-commands of this stage (filled in as the stage lands)."""
+"""``protscale train``: one trial (Ray Train TorchTrainer + DeepSpeed), tracked in MLflow."""
+
+from __future__ import annotations
+
+import argparse
 
 
 def add_commands(sub) -> None:
-    return None
+    p = sub.add_parser(
+        "train", help="train one CLM or MLM trial at a compute budget",
+        description="Train one trial: a Ray Train TorchTrainer whose workers run a DeepSpeed engine, "
+        "for D = C / (6·N) tokens, logging to one MLflow run. Example: protscale train --objective clm "
+        "--size tiny-3 --budget-flops 1e12 --data .demo/data",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--objective", choices=("clm", "mlm"), required=True)
+    p.add_argument("--size", required=True, help="model size name (tiny-1..tiny-5, 3M..10B, esm2-650M)")
+    p.add_argument("--budget-flops", type=float, required=True, help="compute budget C in FLOPs")
+    p.add_argument("--data", required=True, help="prepared dataset directory (protscale data prepare)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--experiment", default="protscale", help="MLflow experiment")
+    p.add_argument("--name", default="", help="trial name (default: objective-size-budget-seed)")
+    p.add_argument("--workers", default="1", help="Ray Train workers: N, or MIN:MAX for an elastic trial")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage")
+    p.add_argument("--batch-tokens", type=int, default=0, help="tokens per step (0: paper rule by size)")
+    p.add_argument("--lr-max", type=float, default=0.0, help="peak LR (0: paper rule by size)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evals/checkpoints (0: ~10 per trial)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", default="", help="final checkpoint directory of a CLM trial (transfer)")
+    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
+    p.add_argument("--storage", default="runs", help="Ray Train storage path (checkpoints)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
+    p.set_defaults(func=run)
+
+
+def parse_workers(text: str) -> tuple[int, int]:
+    from ..cli import UserError
+
+    try:
+        lo, _, hi = text.partition(":")
+        lo, hi = int(lo), int(hi or lo)
+    except ValueError:
+        raise UserError(f"--workers {text!r}: expected N or MIN:MAX, e.g. 2 or 1:4") from None
+    if not 0 <= lo <= hi:
+        raise UserError(f"--workers {text!r}: need 0 <= MIN <= MAX")
+    return lo, hi
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..cli import UserError
+    from ..tracking.contract import default_tracking_uri, resolve_tracking_uri
+
+    data = Path(args.data)
+    if not (data / "manifest.json").is_file():
+        raise UserError(f"--data {args.data}: not a prepared dataset (no manifest.json); "
+                        "run `protscale data prepare --help`")
+    if args.init_from and not (Path(args.init_from) / "weights.pt").is_file():
+        raise UserError(f"--init-from {args.init_from}: no weights.pt; give the final checkpoint of a CLM trial")
+    workers = parse_workers(args.workers)
+
+    from .config import TrialConfig
+    from .trial import connect_ray, run_trial
+
+    try:
+        cfg = TrialConfig(objective=args.objective, size=args.size, budget_flops=args.budget_flops,
+                          data=str(data.resolve()),
+                          tracking_uri=resolve_tracking_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri(),
+                          experiment=args.experiment, name=args.name, seed=args.seed,
+                          batch_tokens=args.batch_tokens, lr_max=args.lr_max, eval_every=args.eval_every,
+                          zero_stage=args.zero_stage, init_from=args.init_from)
+    except (KeyError, ValueError) as exc:
+        raise UserError(str(exc).strip("'\"")) from None
+    if cfg.tokens_target < 1:
+        raise UserError(f"--budget-flops {args.budget_flops:g} buys no token at size {args.size}")
+    connect_ray(args.ray_address)
+    result = run_trial(cfg, workers=workers, storage=args.storage, max_failures=args.max_failures,
+                       use_gpu=args.gpu)
+    print(result.summary(cfg.name))
+    return 0 if result.status == "completed" else 1

@@ -1,0 +1,117 @@
+"""Search spaces: sweeps written in Python (``search_spaces/*.py`` define ``SPACE``).
+
+    from protscale.sweep.space import SearchSpace, isoflop_grid, transfer_grid
+
+    SPACE = SearchSpace(
+        name="my-isoflop",                                  # MLflow experiment (one per sweep)
+        data=".demo/data",                                  # a prepared dataset directory
+        trials=isoflop_grid(budgets=[1e18, 3e18], sizes=["85M", "170M"], objectives=["clm"]),
+    )
+
+A trial is (objective, size, budget_flops, seed) plus an optional CLM parent for transfer; the paper's
+peak-LR and batch rule by size applies unless a trial overrides it.
+"""
+
+from __future__ import annotations
+
+import math
+import runpy
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..model.sizes import SIZES, get_size, tokens_for_budget
+
+
+@dataclass(frozen=True)
+class Trial:
+    objective: str
+    size: str
+    budget_flops: float
+    seed: int = 0
+    parent: str = ""                 # name of the CLM trial a transfer MLM starts from
+    batch_tokens: int = 0            # 0: the paper's rule by size (or the space's default)
+    lr_max: float = 0.0
+
+    @property
+    def name(self) -> str:
+        base = f"{self.objective}-{self.size}-{self.budget_flops:.3g}-s{self.seed}".replace("+", "")
+        return f"{base}-from-{self.parent}" if self.parent else base
+
+
+@dataclass
+class SearchSpace:
+    name: str
+    data: str
+    trials: list[Trial]
+    defaults: dict = field(default_factory=dict)     # TrialConfig fields for every trial (eval_every...)
+    max_concurrent: int = 0                          # 0: as many as the cluster's resources allow
+    gpus_per_trial: float = 0                        # 0: CPU trials (1 CPU each)
+    source: str = ""                                 # the file it was loaded from
+
+
+def isoflop_grid(budgets, sizes, objectives=("clm",), seed: int = 0, **overrides) -> list[Trial]:
+    """Every (objective, budget, size): an IsoFLOP profile per budget."""
+    return [Trial(o, s, float(c), seed, **overrides) for o in objectives for c in budgets for s in sizes]
+
+
+def transfer_grid(sizes, clm_budgets, mlm_budgets, seed: int = 0, **overrides) -> list[Trial]:
+    """CLM→MLM transfer: CLM parents, MLMs initialised from each, and scratch MLM baselines."""
+    clm = [Trial("clm", s, float(c), seed, **overrides) for s in sizes for c in clm_budgets]
+    out = list(clm)
+    for parent in clm:
+        out += [Trial("mlm", parent.size, float(m), seed, parent=parent.name, **overrides) for m in mlm_budgets]
+    out += [Trial("mlm", s, float(m), seed, **overrides) for s in sizes for m in mlm_budgets]
+    return list(dict.fromkeys(out))
+
+
+def load(path: str | Path) -> SearchSpace:
+    """Run a search-space file and return its ``SPACE``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such search-space file (see search_spaces/)")
+    space = runpy.run_path(str(path)).get("SPACE")
+    if not isinstance(space, SearchSpace):
+        raise ValueError(f"{path}: defines no SPACE = SearchSpace(...)")
+    if not Path(space.data).is_absolute():
+        space.data = str((Path.cwd() / space.data).resolve())
+    return replace(space, source=str(path))
+
+
+def validate(space: SearchSpace, manifest: dict | None) -> list[str]:
+    """Problems that would waste a sweep, each as a message naming the trial and what to change."""
+    errors: list[str] = []
+    names = [t.name for t in space.trials]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        errors.append(f"trial {dup}: listed {names.count(dup)} times")
+    by_name = {t.name: t for t in space.trials}
+    seq_len = (manifest or {}).get("seq_len", 1024)
+    unique_tokens = ((manifest or {}).get("splits", {}).get("train", {}) or {}).get("tokens")
+    for t in space.trials:
+        if t.size not in SIZES:
+            errors.append(f"trial {t.name}: unknown size {t.size!r} (known: {', '.join(SIZES)})")
+            continue
+        if t.objective not in ("clm", "mlm"):
+            errors.append(f"trial {t.name}: objective must be clm or mlm")
+        size = get_size(t.size)
+        from ..train.recipe import batch_tokens as rule
+
+        batch = t.batch_tokens or space.defaults.get("batch_tokens") or rule(size, seq_len)
+        tokens = tokens_for_budget(size, t.budget_flops)
+        if tokens < batch:
+            errors.append(f"trial {t.name}: budget {t.budget_flops:.3g} FLOPs buys {tokens:,} tokens, less "
+                          f"than one optimizer step of {batch:,}; raise the budget or use a smaller size/batch")
+        if unique_tokens and tokens > unique_tokens:
+            errors.append(f"trial {t.name}: {tokens:,} tokens is {tokens / unique_tokens:.1f} epochs of the "
+                          f"{unique_tokens:,} unique training tokens; the paper's laws assume no repetition — "
+                          "add data or lower the budget")
+        if t.parent and (t.parent not in by_name or by_name[t.parent].objective != "clm"):
+            errors.append(f"trial {t.name}: parent {t.parent!r} is not a CLM trial of this space")
+    return errors
+
+
+def resources(space: SearchSpace, trial: Trial) -> dict:
+    """Per-trial resources: a GPU share by model size on GPU sweeps, one CPU otherwise."""
+    if not space.gpus_per_trial:
+        return {"cpu": 1}
+    n = get_size(trial.size).n_params_non_embedding
+    return {"cpu": 1, "gpu": max(space.gpus_per_trial, float(math.ceil(n / 2e9)))}

@@ -1,0 +1,100 @@
+"""Driver side of one trial: the MLflow run, the ``TorchTrainer``, the outcome.
+
+    run_trial(cfg, workers=(1, 2))   # elastic: start with >= 1 worker, use 2 when available
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data.shards import read_manifest
+from ..tracking import contract as c
+from ..tracking import runs
+from .config import TrialConfig
+from .loop import trial_params, train_loop_per_worker
+
+
+@dataclass
+class TrialResult:
+    run_id: str
+    status: str
+    metrics: dict
+    checkpoint: str | None          # path of the final checkpoint (for transfer trials)
+    wall_s: float
+
+    def summary(self, name: str) -> str:
+        m = self.metrics
+        evals = " ".join(f"{k} {m[k]:.4f}" for k in (c.VAL_LOSS, c.TEST_LOSS) if k in m)
+        tokens = m.get("tokens", 0)
+        return (f"{name}: {self.status} | train_loss {m.get(c.TRAIN_LOSS, float('nan')):.4f} {evals} | "
+                f"tokens {tokens:,} | flops {m.get('flops', 0):.3g} | {self.wall_s:.1f} s | "
+                f"{tokens / max(self.wall_s, 1e-9):,.0f} tok/s overall | mlflow run {self.run_id}")
+
+
+def connect_ray(address: str | None = None) -> None:
+    """Join ``address`` (or ``$RAY_ADDRESS``), else start a local Ray with its dashboard (the state API
+    that cleans up stopped trials' workers lives there; see NOTES on ray-project/ray#54305)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=None if address else True,
+                 logging_level="WARNING", log_to_driver=True)
+
+
+def default_name(cfg: TrialConfig) -> str:
+    return f"{cfg.objective}-{cfg.size}-{cfg.budget_flops:.3g}-s{cfg.seed}".replace("+", "")
+
+
+def prepare_run(cfg: TrialConfig, parent_run_id: str | None = None) -> TrialConfig:
+    """Fill in the trial name and its MLflow run (found again on resume, created otherwise)."""
+    cfg.name = cfg.name or default_name(cfg)
+    seq_len = read_manifest(cfg.data)["seq_len"]
+    cfg.run_id = runs.start_run(cfg.tracking_uri, cfg.experiment, cfg.name, trial_params(cfg, seq_len),
+                                {c.SOURCE: c.SOURCE_TRAINED, c.KIND: "trial", **cfg.tags},
+                                parent_run_id=parent_run_id)
+    return cfg
+
+
+def trainer(cfg: TrialConfig, workers: tuple[int, int], storage: str, max_failures: int,
+            use_gpu: bool = False, callbacks=()):
+    """The Ray Train ``TorchTrainer`` of one trial (``workers=(0, 0)``: Train's local mode)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    lo, hi = workers
+    num_workers = hi if lo == hi else (lo, hi)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=str(Path(storage).resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=3),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks)),
+    )
+
+
+def run_trial(cfg: TrialConfig, workers: tuple[int, int] = (1, 1), storage: str = "runs",
+              max_failures: int = 2, use_gpu: bool = False, parent_run_id: str | None = None) -> TrialResult:
+    cfg = prepare_run(cfg, parent_run_id)
+    start = time.perf_counter()
+    try:
+        result = trainer(cfg, workers, storage, max_failures, use_gpu).fit()
+    except Exception:
+        runs.finish_run(cfg.tracking_uri, cfg.run_id, c.STATUS_FAILED)
+        raise
+    return finish(cfg, result, time.perf_counter() - start)
+
+
+def finish(cfg: TrialConfig, result, wall_s: float) -> TrialResult:
+    """Close the MLflow run with the trial's outcome."""
+    metrics = dict(result.metrics or {})
+    status = c.STATUS_FAILED if result.error else (c.STATUS_DIVERGED if metrics.get("diverged") else c.STATUS_COMPLETED)
+    runs.finish_run(cfg.tracking_uri, cfg.run_id, status)
+    history = runs.client(cfg.tracking_uri).get_run(cfg.run_id).data.metrics
+    metrics.setdefault("flops", history.get(c.FLOPS, 0.0))
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    return TrialResult(cfg.run_id, status, metrics, ckpt, wall_s)

@@ -1,0 +1,34 @@
+"""Shared fixtures: a real local Ray cluster and a prepared copy of the bundled proteins."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the session (4 logical CPUs so 2-worker trials fit beside the driver)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=True, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The bundled proteins prepared once: rows of 128 tokens, IID validation and an OOD test split."""
+    from protscale.data import MAIN, OOD
+    from protscale.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "bundled-128"
+    prepare([MAIN], out, ood=OOD, seq_len=128, val_fraction=0.05, progress=False)
+    return out
