@@ -8,8 +8,8 @@ from protscale.sweep.space import SearchSpace, isoflop_grid
 SPACE = SearchSpace(
     name="demo-cpu",
     data=".demo/data",
-    trials=isoflop_grid(budgets=[2e10, 5e10, 1.2e11], sizes=["tiny-1", "tiny-2", "tiny-3", "tiny-4"],
+    trials=isoflop_grid(budgets=[1e11, 3e11, 8e11], sizes=["tiny-3", "tiny-4", "tiny-5", "tiny-6"],
                         objectives=["clm", "mlm"]),
-    defaults={"batch_tokens": 4096, "eval_every": 0, "eval_rows": 64},
+    defaults={"batch_tokens": 2048, "eval_rows": 64},
     max_concurrent=2,
 )

@@ -68,10 +68,10 @@ PAPER_SIZES: dict[str, ModelSize] = {s.name: s for s in (
     _paper("10B", 47, 4352, 10_682_105_856),
 )}
 
-# Tiny sizes for CPU runs (tests, the demo sweep): non-embedding N from 25k to 1.2M.
+# Tiny sizes for CPU runs (tests, the demo sweep): non-embedding N from 25k to 2.5M.
 TINY_SIZES: dict[str, ModelSize] = {s.name: s for s in (
     ModelSize("tiny-1", 2, 32, 2), ModelSize("tiny-2", 2, 48, 3), ModelSize("tiny-3", 3, 64, 4),
-    ModelSize("tiny-4", 4, 96, 6), ModelSize("tiny-5", 6, 128, 8),
+    ModelSize("tiny-4", 4, 96, 6), ModelSize("tiny-5", 6, 128, 8), ModelSize("tiny-6", 8, 160, 5),
 )}
 
 # Shapes of public models users compare against (benchmarks).

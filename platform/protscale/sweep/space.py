@@ -109,9 +109,23 @@ def validate(space: SearchSpace, manifest: dict | None) -> list[str]:
     return errors
 
 
+GPU_PARAMS_PER_DEVICE = 2e9        # models above this get one GPU worker per 2e9 parameters
+
+
+def workers(space: SearchSpace, trial: Trial) -> int:
+    """Ray Train workers of a trial: 0 (Train's local mode, in the Tune trial's own process) for CPU
+    trials and models that fit one GPU; one worker per GPU above that."""
+    if not space.gpus_per_trial:
+        return 0
+    n = get_size(trial.size).n_params_non_embedding
+    return 0 if n <= GPU_PARAMS_PER_DEVICE else math.ceil(n / GPU_PARAMS_PER_DEVICE)
+
+
 def resources(space: SearchSpace, trial: Trial) -> dict:
-    """Per-trial resources: a GPU share by model size on GPU sweeps, one CPU otherwise."""
+    """What the Tune trial itself holds. In local mode it runs the training loop, so it holds the CPU or
+    (a share of) the GPU; with a worker group, the workers ask Ray for their GPUs themselves."""
     if not space.gpus_per_trial:
         return {"cpu": 1}
-    n = get_size(trial.size).n_params_non_embedding
-    return {"cpu": 1, "gpu": max(space.gpus_per_trial, float(math.ceil(n / 2e9)))}
+    if workers(space, trial):
+        return {"cpu": 1, "train_workers_gpu": workers(space, trial)}
+    return {"cpu": 1, "gpu": space.gpus_per_trial}

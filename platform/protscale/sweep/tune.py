@@ -18,7 +18,7 @@ from pathlib import Path
 from ..tracking import contract as c
 from ..tracking import runs
 from ..train.config import TrialConfig
-from .space import SearchSpace, Trial, resources
+from .space import SearchSpace, Trial, resources, workers
 
 CHECKPOINT_TAG = "checkpoint"          # MLflow tag: final checkpoint directory of a finished trial
 
@@ -42,10 +42,11 @@ def run_one(config: dict) -> None:
         if not ckpt:
             raise RuntimeError(f"transfer trial {cfg.name}: CLM parent {config['parent']} has no final checkpoint")
         cfg.init_from, cfg.init_from_run = ckpt, parent_id
+        cfg.init_budget_flops = float(runs.client(cfg.tracking_uri).get_run(parent_id).data.params[c.BUDGET_FLOPS])
     cfg = prepare_run(cfg, parent_run_id=config["sweep_run_id"])
     start = time.perf_counter()
-    workers = (0, 0) if not config["gpu"] else (1, 1)
-    result = trainer(cfg, workers, config["storage"], max_failures=1, use_gpu=config["gpu"]).fit()
+    n = config["workers"]
+    result = trainer(cfg, (n, n), config["storage"], max_failures=1, use_gpu=config["gpu"] and n > 0).fit()
     outcome = finish(cfg, result, time.perf_counter() - start)
     if outcome.checkpoint:
         runs.client(cfg.tracking_uri).set_tag(outcome.run_id, CHECKPOINT_TAG, outcome.checkpoint)
@@ -78,19 +79,23 @@ def run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool 
         def trainable(config, _by_name=by_name):
             t = _by_name[config["trial_name"]]
             run_one({"trial": asdict(trial_config(space, t, tracking_uri)), "parent": t.parent,
-                     "sweep_run_id": sweep_run, "storage": storage, "gpu": gpu})
+                     "sweep_run_id": sweep_run, "storage": str(Path(storage) / space.name / "trials"),
+                     "gpu": gpu, "workers": workers(space, t)})
 
-        res = resources(space, todo[0])
-        trainable = tune.with_resources(trainable, res)
-        name = f"{space.name}-wave{wave}"
-        path = Path(storage) / name
+        def trial_resources(config, _by_name=by_name):
+            res = resources(space, _by_name[config["trial_name"]])
+            return tune.PlacementGroupFactory([{"CPU": res["cpu"], "GPU": res.get("gpu", 0)}])
+
+        trainable = tune.with_resources(trainable, trial_resources)
+        name = f"wave{wave}"
+        path = Path(storage) / space.name / name
         if resume and tune.Tuner.can_restore(str(path)):
             tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=True)
         else:
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(max_concurrent_trials=space.max_concurrent or None),
-                run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
+                run_config=tune.RunConfig(name=name, storage_path=str(Path(storage) / space.name), verbose=1,
                                           failure_config=tune.FailureConfig(max_failures=max_failures)))
         tuner.fit()
         done = _finished_trials(tracking_uri, space.name)

@@ -28,8 +28,13 @@ WEIGHTS = "weights.pt"
 
 def save(engine, state: dict, rank: int, final: bool) -> str:
     """Every rank writes its part into a fresh local directory; returns it (report it, then delete it)."""
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
     path = tempfile.mkdtemp(prefix="protscale-ckpt-")
-    engine.save_checkpoint(path, tag=TAG, client_state={"trial_state": state})
+    # Pure data parallelism: the universal converter needs no parameter patterns, only its version key.
+    info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+    engine.save_checkpoint(path, tag=TAG, client_state={"trial_state": state, UNIVERSAL_CHECKPOINT_INFO: info})
     if final:
         weights = consolidated_state_dict(engine)
         if rank == 0:
@@ -43,13 +48,16 @@ def read_state(path: str | os.PathLike) -> dict:
     return json.loads((Path(path) / STATE).read_text())
 
 
-def restore(engine, path: str | os.PathLike, universal: bool) -> dict:
-    """Load engine state from a checkpoint directory; returns the trial state saved with it."""
-    load_dir = Path(path)
+def restore(engine, path: str | os.PathLike, universal: bool, rank: int) -> dict:
+    """Load engine state from a checkpoint directory; returns the trial state saved with it.
+
+    ``universal``: the checkpoint was written at another world size with ZeRO ≥ 1; rank 0 converts it
+    (once) and every rank loads the universal form (the engine was built with ``load_universal``)."""
     if universal:
-        load_dir = to_universal(load_dir)
-    engine.load_checkpoint(str(load_dir), tag=TAG if not universal else TAG + "_universal",
-                           load_module_strict=True)
+        if rank == 0:
+            to_universal(Path(path))
+        torch.distributed.barrier()
+    engine.load_checkpoint(str(path), tag=TAG + "_universal" if universal else TAG, load_module_strict=True)
     return read_state(path)
 
 

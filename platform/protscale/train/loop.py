@@ -55,7 +55,7 @@ def train_loop_per_worker(config: dict) -> None:
     state = {"step": 0, "tokens": 0, "world_size": world}
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = checkpoint.restore(engine, d, universal)
+            state = checkpoint.restore(engine, d, universal, rank)
         if rank == 0:
             print(f"[{cfg.name}] resumed at step {state['step']} (written by {state['world_size']} "
                   f"worker(s), now {world})", flush=True)
@@ -145,6 +145,7 @@ def trial_params(cfg: TrialConfig, seq_len: int) -> dict:
         c.SEQ_LEN: seq_len, c.MASK_RATIO: 0.15 if cfg.objective == "mlm" else 0.0, c.SEED: cfg.seed,
         c.DATA_MANIFEST_HASH: manifest.get("hash", ""), c.INIT_FROM: cfg.init_from_run,
         c.FLOPS_CONVENTION: FLOPS_CONVENTION,
+        **({c.INIT_OBJECTIVE: "clm", c.INIT_BUDGET_FLOPS: cfg.init_budget_flops} if cfg.init_from_run else {}),
     }
 
 

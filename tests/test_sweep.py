@@ -1,0 +1,158 @@
+"""Sweeps: search-space validation, --dry-run, a real sweep on local Ray, and a killed-then-resumed sweep."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from protscale.cli import main
+from protscale.sweep.space import SearchSpace, Trial, isoflop_grid, transfer_grid, validate
+from protscale.tracking import contract as c
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST = {"seq_len": 128, "splits": {"train": {"tokens": 1_000_000}}}
+
+
+def test_validation_names_each_problem():
+    space = SearchSpace("bad", "unused", [
+        Trial("clm", "tiny-3", 1e11), Trial("clm", "tiny-3", 1e11),          # duplicate
+        Trial("clm", "no-such-size", 1e11),                                  # unknown size
+        Trial("clm", "tiny-6", 1e7),                                         # below one optimizer step
+        Trial("clm", "tiny-3", 1e13),                                        # ~11 epochs of the data
+        Trial("mlm", "tiny-3", 1e11, parent="clm-missing"),                  # parent not in the space
+    ], defaults={"batch_tokens": 2048})
+    errors = "\n".join(validate(space, MANIFEST))
+    assert "clm-tiny-3-1e11-s0: listed 2 times" in errors
+    assert "unknown size 'no-such-size'" in errors
+    assert "less than one optimizer step of 2,048" in errors
+    assert "11.3 epochs" in errors and "no repetition" in errors
+    assert "parent 'clm-missing' is not a CLM trial" in errors
+    assert validate(SearchSpace("ok", "unused", isoflop_grid([1e11], ["tiny-3", "tiny-4"]),
+                                defaults={"batch_tokens": 2048}), MANIFEST) == []
+
+
+def test_bad_space_file_is_a_one_line_error(tmp_path, capsys):
+    space = tmp_path / "space.py"
+    space.write_text("from protscale.sweep.space import SearchSpace, Trial\n"
+                     "SPACE = SearchSpace('x', 'nowhere', [Trial('clm', 'tiny-9', 1e11)])\n")
+    assert main(["sweep", str(space), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown size 'tiny-9'" in err and "Traceback" not in err
+    assert main(["sweep", str(tmp_path / "missing.py"), "--dry-run"]) == 2
+
+
+@pytest.fixture(autouse=True)
+def _space_modules(monkeypatch):
+    """Make search_spaces/*.py importable as search_spaces_<name> for assertions on their constants."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("search_spaces_paper", REPO / "search_spaces" / "paper_clm.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setitem(sys.modules, "search_spaces_paper", mod)
+
+
+def test_dry_run_paper_grid_rows(capsys):
+    import search_spaces_paper as paper
+
+    assert main(["sweep", str(REPO / "search_spaces" / "paper_clm.py"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("clm-")]
+    assert len(rows) == len(paper.BUDGETS) * len(paper.SIZES) == 147
+    assert {1e18, 1e21} <= set(paper.BUDGETS)
+    assert any(r.startswith("clm-10B-1e21-s0") and "10,682,105,856" in r for r in rows)
+    # D = C / (6 N): 1e21 / (6 · 10,682,105,856) = 15,602,416,687 tokens
+    assert any("15,602,416,687" in r for r in rows if r.startswith("clm-10B-1e21"))
+
+
+def test_transfer_grid_orders_parents_and_keeps_scratch_baselines():
+    trials = transfer_grid(["tiny-3"], clm_budgets=[1e11], mlm_budgets=[5e10])
+    names = [t.name for t in trials]
+    assert names == ["clm-tiny-3-1e11-s0", "mlm-tiny-3-5e10-s0-from-clm-tiny-3-1e11-s0", "mlm-tiny-3-5e10-s0"]
+
+
+def _write_space(tmp_path, data, trials: str, name="sweep-test") -> Path:
+    path = tmp_path / "space.py"
+    path.write_text(
+        "from protscale.sweep.space import SearchSpace, Trial, isoflop_grid, transfer_grid\n"
+        f"SPACE = SearchSpace(name={name!r}, data={str(data)!r}, trials={trials},\n"
+        "                    defaults={'batch_tokens': 2048, 'eval_rows': 32}, max_concurrent=2)\n")
+    return path
+
+
+def _trial_runs(uri, experiment):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], filter_string="tags.kind = 'trial'")
+
+
+@pytest.mark.slow
+def test_small_sweep_with_transfer_end_to_end(ray_local, demo_data, tmp_path):
+    space = _write_space(tmp_path, demo_data,
+                         "transfer_grid(['tiny-3'], clm_budgets=[5e10], mlm_budgets=[2e10]) + "
+                         "[Trial('clm', 'tiny-4', 5e10)]")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["sweep", str(space), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")]) == 0
+
+    runs = {r.data.tags[c.TRIAL]: r for r in _trial_runs(uri, "sweep-test")}
+    assert set(runs) == {"clm-tiny-3-5e10-s0", "mlm-tiny-3-2e10-s0-from-clm-tiny-3-5e10-s0",
+                         "mlm-tiny-3-2e10-s0", "clm-tiny-4-5e10-s0"}
+    client = MlflowClient(uri)
+    sweep = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id],
+                               filter_string="tags.kind = 'sweep'")
+    assert len(sweep) == 1 and sweep[0].data.tags[c.STATUS] == c.STATUS_COMPLETED
+    for r in runs.values():
+        assert r.data.tags[c.PARENT_RUN_ID] == sweep[0].info.run_id
+        assert r.data.tags[c.STATUS] == c.STATUS_COMPLETED and r.data.tags[c.SWEEP] == "sweep-test"
+    transfer = runs["mlm-tiny-3-2e10-s0-from-clm-tiny-3-5e10-s0"]
+    assert transfer.data.params[c.INIT_FROM] == runs["clm-tiny-3-5e10-s0"].info.run_id
+    assert float(transfer.data.params[c.INIT_BUDGET_FLOPS]) == 5e10
+    assert runs["mlm-tiny-3-2e10-s0"].data.params[c.INIT_FROM] == ""
+    # Starting from a trained CLM, the MLM's first evaluation beats the scratch MLM's.
+    first = lambda r: min(client.get_metric_history(r.info.run_id, c.VAL_LOSS), key=lambda m: m.step).value  # noqa: E731
+    assert first(transfer) < first(runs["mlm-tiny-3-2e10-s0"])
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_each_trial_exactly_once(demo_data, tmp_path):
+    space = _write_space(tmp_path, demo_data, "isoflop_grid([5e10], ['tiny-3', 'tiny-4', 'tiny-5'])",
+                         name="resume-test")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "protscale.cli", "sweep", str(space), "--tracking-uri", uri,
+           "--storage", str(tmp_path / "runs")]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    finished_before = {}
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(2)
+        try:
+            finished_before = {r.data.tags[c.TRIAL]: r.info.end_time for r in _trial_runs(uri, "resume-test")
+                               if r.data.tags.get(c.STATUS) == c.STATUS_COMPLETED}
+        except Exception:          # store not created yet
+            continue
+        if finished_before:
+            break
+    assert finished_before, "no trial finished before the deadline"
+    os.killpg(proc.pid, signal.SIGKILL)                  # the driver and the Ray it started
+    proc.wait()
+
+    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    runs = _trial_runs(uri, "resume-test")
+    names = [r.data.tags[c.TRIAL] for r in runs]
+    assert sorted(names) == sorted({"clm-tiny-3-5e10-s0", "clm-tiny-4-5e10-s0", "clm-tiny-5-5e10-s0"})
+    client = MlflowClient(uri)
+    for r in runs:
+        assert r.data.tags[c.STATUS] == c.STATUS_COMPLETED
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, c.TRAIN_LOSS)]
+        assert len(steps) == len(set(steps)) and sorted(steps) == list(range(1, max(steps) + 1))
+        if r.data.tags[c.TRIAL] in finished_before:       # finished before the kill: not trained again
+            assert r.info.end_time == finished_before[r.data.tags[c.TRIAL]]
