@@ -20,8 +20,6 @@ from ..tracking import runs
 from ..train.config import TrialConfig
 from .space import SearchSpace, Trial, resources, workers
 
-CHECKPOINT_TAG = "checkpoint"          # MLflow tag: final checkpoint directory of a finished trial
-
 
 def trial_config(space: SearchSpace, trial: Trial, tracking_uri: str) -> TrialConfig:
     fields = {**space.defaults, "batch_tokens": trial.batch_tokens or space.defaults.get("batch_tokens", 0),
@@ -37,19 +35,14 @@ def run_one(config: dict) -> None:
 
     cfg = TrialConfig.from_dict(config["trial"])
     if config.get("parent"):
-        parent_id = runs.find_run(cfg.tracking_uri, cfg.experiment, config["parent"])
-        ckpt = parent_id and runs.client(cfg.tracking_uri).get_run(parent_id).data.tags.get(CHECKPOINT_TAG)
-        if not ckpt:
-            raise RuntimeError(f"transfer trial {cfg.name}: CLM parent {config['parent']} has no final checkpoint")
-        cfg.init_from, cfg.init_from_run = ckpt, parent_id
-        cfg.init_budget_flops = float(runs.client(cfg.tracking_uri).get_run(parent_id).data.params[c.BUDGET_FLOPS])
+        cfg.init_from = runs.find_run(cfg.tracking_uri, cfg.experiment, config["parent"]) or ""
+        if not cfg.init_from:
+            raise RuntimeError(f"transfer trial {cfg.name}: CLM parent {config['parent']} has no MLflow run")
     cfg = prepare_run(cfg, parent_run_id=config["sweep_run_id"])
     start = time.perf_counter()
     n = config["workers"]
     result = trainer(cfg, (n, n), config["storage"], max_failures=1, use_gpu=config["gpu"] and n > 0).fit()
     outcome = finish(cfg, result, time.perf_counter() - start)
-    if outcome.checkpoint:
-        runs.client(cfg.tracking_uri).set_tag(outcome.run_id, CHECKPOINT_TAG, outcome.checkpoint)
     print(outcome.summary(cfg.name), flush=True)
 
 

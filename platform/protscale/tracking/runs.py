@@ -22,9 +22,25 @@ def client(tracking_uri: str):
 
 
 def experiment_id(tracking_uri: str, name: str) -> str:
+    """The experiment's id, created if needed. With a SQLite store, artifacts go beside the database
+    file (MLflow's default, ``./mlruns``, would depend on each process's working directory)."""
     cl = client(tracking_uri)
     exp = cl.get_experiment_by_name(name)
-    return exp.experiment_id if exp else cl.create_experiment(name)
+    if exp:
+        return exp.experiment_id
+    uri = c.resolve_tracking_uri(tracking_uri)
+    location = None
+    if uri.startswith("sqlite:///"):
+        from pathlib import Path
+
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    try:
+        return cl.create_experiment(name, artifact_location=location)
+    except Exception:           # created meanwhile by a concurrent trial
+        exp = cl.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def find_run(tracking_uri: str, experiment: str, trial: str) -> str | None:

@@ -84,10 +84,13 @@ def consolidated_state_dict(engine) -> dict:
     return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
 
 
-def load_weights(checkpoint_dir: str | os.PathLike) -> dict:
-    """Model weights of a finished trial's checkpoint (for CLM→MLM transfer)."""
-    path = Path(checkpoint_dir) / WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no consolidated weights; init_from must be the final checkpoint "
-                                "of a finished trial")
+MODEL_ARTIFACT = "model/" + WEIGHTS     # the final weights, as an artifact of the trial's MLflow run
+
+
+def load_weights(tracking_uri: str, run_id: str) -> dict:
+    """Final model weights of a finished trial, from its MLflow run (for CLM→MLM transfer)."""
+    import mlflow.artifacts
+
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_ARTIFACT,
+                                               tracking_uri=tracking_uri)
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -27,7 +27,8 @@ def add_commands(sub) -> None:
     p.add_argument("--lr-max", type=float, default=0.0, help="peak LR (0: paper rule by size)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evals/checkpoints (0: ~10 per trial)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init-from", default="", help="final checkpoint directory of a CLM trial (transfer)")
+    p.add_argument("--init-from", default="", metavar="RUN_ID",
+                   help="MLflow run id of a completed CLM trial: start this (MLM) trial from its weights")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up")
     p.add_argument("--storage", default="runs", help="Ray Train storage path (checkpoints)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
@@ -57,12 +58,10 @@ def run(args) -> int:
     if not (data / "manifest.json").is_file():
         raise UserError(f"--data {args.data}: not a prepared dataset (no manifest.json); "
                         "run `protscale data prepare --help`")
-    if args.init_from and not (Path(args.init_from) / "weights.pt").is_file():
-        raise UserError(f"--init-from {args.init_from}: no weights.pt; give the final checkpoint of a CLM trial")
     workers = parse_workers(args.workers)
 
     from .config import TrialConfig
-    from .trial import connect_ray, run_trial
+    from .trial import connect_ray, run_trial  # noqa: F401
 
     try:
         cfg = TrialConfig(objective=args.objective, size=args.size, budget_flops=args.budget_flops,
@@ -75,6 +74,14 @@ def run(args) -> int:
         raise UserError(str(exc).strip("'\"")) from None
     if cfg.tokens_target < 1:
         raise UserError(f"--budget-flops {args.budget_flops:g} buys no token at size {args.size}")
+    from mlflow.exceptions import MlflowException
+
+    from .trial import prepare_run
+
+    try:
+        prepare_run(cfg)        # the MLflow run (found again if this trial ran before) and init_from checks
+    except (ValueError, MlflowException) as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
     connect_ray(args.ray_address)
     result = run_trial(cfg, workers=workers, storage=args.storage, max_failures=args.max_failures,
                        use_gpu=args.gpu)

@@ -28,9 +28,8 @@ class TrialConfig:
     zero_stage: int = 0
     precision: str = "auto"             # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
     attention: str = "auto"             # "auto" | "sdpa" | "flash"
-    init_from: str = ""                 # checkpoint directory of a CLM trial (CLM→MLM transfer)
-    init_from_run: str = ""             # ... and its MLflow run id, recorded as param init_from
-    init_budget_flops: float = 0.0      # ... and its compute budget (D_F = C_F / 6N for transfer laws)
+    init_from: str = ""                 # MLflow run id of a finished CLM trial (CLM→MLM transfer)
+    init_budget_flops: float = 0.0      # ... its compute budget (D_F = C_F / 6N for transfer laws)
     peak_flops: float = 0.0             # per device, for MFU; 0 = known GPU table, none on CPU
     fail_at_step: int = 0               # fault injection: the worker dies once at this step (tests)
     fail_marker: str = ""               # file whose existence means the fault was already injected

@@ -30,13 +30,13 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import ray.train
-
+    session = _session()
     cfg = TrialConfig.from_dict(config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    ctx = session.get_context()
+    rank, world = (ctx.get_world_rank(), ctx.get_world_size()) if session.__name__ == "ray.train" else (0, 1)
     _ensure_process_group(world)
-    device = torch.device("cuda", ctx.get_local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    local_rank = ctx.get_local_rank() if session.__name__ == "ray.train" else 0
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.seed)
 
     train = Batches(read_split(cfg.data, "train"), cfg.objective, cfg.seed)
@@ -44,7 +44,7 @@ def train_loop_per_worker(config: dict) -> None:
              for key, split in ((c.VAL_LOSS, "val"), (c.TEST_LOSS, "test")) if _has_split(cfg.data, split)}
     plan = Plan(cfg, train.rows.seq_len, world)
 
-    ckpt = ray.train.get_checkpoint()
+    ckpt = session.get_checkpoint()
     saved_world = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -61,7 +61,7 @@ def train_loop_per_worker(config: dict) -> None:
                   f"worker(s), now {world})", flush=True)
         state["world_size"] = world
     elif cfg.init_from:
-        engine.module.load_state_dict(checkpoint.load_weights(cfg.init_from))
+        engine.module.load_state_dict(checkpoint.load_weights(cfg.tracking_uri, cfg.init_from))
 
     logger = MetricsLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 else None
     s_eff = effective_context(train.rows.seq_lens)
@@ -104,7 +104,9 @@ def train_loop_per_worker(config: dict) -> None:
         path = checkpoint.save(engine, dict(state), rank, final=final)
         report = {"step": step, "tokens": state["tokens"], c.TRAIN_LOSS: train_losses[-1], **eval_losses,
                   "diverged": diverged}
-        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(path))
+        if final and logger:
+            logger.client.log_artifact(cfg.run_id, os.path.join(path, checkpoint.WEIGHTS), "model")
+        session.report(report, checkpoint=session.Checkpoint.from_directory(path))
         shutil.rmtree(path, ignore_errors=True)
         if diverged:
             if logger:
@@ -143,9 +145,9 @@ def trial_params(cfg: TrialConfig, seq_len: int) -> dict:
         c.N_PARAMS_NON_EMBEDDING: size.n_params_non_embedding, c.BUDGET_FLOPS: cfg.budget_flops,
         c.TOKENS_TARGET: cfg.tokens_target, c.LR_MAX: plan.lr_max, c.BATCH_TOKENS: plan.batch_tokens,
         c.SEQ_LEN: seq_len, c.MASK_RATIO: 0.15 if cfg.objective == "mlm" else 0.0, c.SEED: cfg.seed,
-        c.DATA_MANIFEST_HASH: manifest.get("hash", ""), c.INIT_FROM: cfg.init_from_run,
+        c.DATA_MANIFEST_HASH: manifest.get("hash", ""), c.INIT_FROM: cfg.init_from,
         c.FLOPS_CONVENTION: FLOPS_CONVENTION,
-        **({c.INIT_OBJECTIVE: "clm", c.INIT_BUDGET_FLOPS: cfg.init_budget_flops} if cfg.init_from_run else {}),
+        **({c.INIT_OBJECTIVE: "clm", c.INIT_BUDGET_FLOPS: cfg.init_budget_flops} if cfg.init_from else {}),
     }
 
 
@@ -203,6 +205,19 @@ def _mean_across_ranks(losses: torch.Tensor) -> list[float]:
         torch.distributed.all_reduce(losses)
         losses /= torch.distributed.get_world_size()
     return losses.cpu().tolist()
+
+
+def _session():
+    """``ray.train`` in a worker group; ``ray.tune`` when Train's local mode (``num_workers=0``) runs
+    this loop inside a Tune trial, where Ray 2.60 refuses the ``ray.train`` session calls."""
+    import ray.train
+    import ray.tune
+
+    try:
+        ray.train.get_context()
+        return ray.train
+    except DeprecationWarning:
+        return ray.tune
 
 
 def _ensure_process_group(world: int) -> None:

@@ -50,6 +50,11 @@ def default_name(cfg: TrialConfig) -> str:
 def prepare_run(cfg: TrialConfig, parent_run_id: str | None = None) -> TrialConfig:
     """Fill in the trial name and its MLflow run (found again on resume, created otherwise)."""
     cfg.name = cfg.name or default_name(cfg)
+    if cfg.init_from:
+        parent = runs.client(cfg.tracking_uri).get_run(cfg.init_from)     # raises for an unknown id
+        if parent.data.params.get(c.OBJECTIVE) != "clm" or parent.data.tags.get(c.STATUS) != c.STATUS_COMPLETED:
+            raise ValueError(f"init_from {cfg.init_from}: not a completed CLM trial")
+        cfg.init_budget_flops = float(parent.data.params[c.BUDGET_FLOPS])
     seq_len = read_manifest(cfg.data)["seq_len"]
     cfg.run_id = runs.start_run(cfg.tracking_uri, cfg.experiment, cfg.name, trial_params(cfg, seq_len),
                                 {c.SOURCE: c.SOURCE_TRAINED, c.KIND: "trial", **cfg.tags},
