@@ -104,13 +104,14 @@ def run_demo(args) -> int:
     done = sum(s == "completed" for s in statuses.values())
     print(f"[demo] {done}/{len(statuses)} trials completed in {time.perf_counter() - start:.0f} s")
     report = root / "report"
-    try:
-        from ..analysis.cli import fit_to_dir
-    except ImportError:
-        fit_to_dir = None
-    if fit_to_dir is not None:
-        fit_to_dir(uri, [space.name], report)
-        print(f"[demo] fitted laws: {report}/results.json, {report}/report.html, {report}/*.png")
+    from ..cli import main
+
+    print(f"[demo] fitting scaling laws from the tracking store -> {report}")
+    if main(["fit", "--experiment", space.name, "--tracking-uri", uri, "--out", str(report),
+             "--bootstrap", "400", "--bootstrap-parametric", "40", "--parametric-grid", "coarse"]) == 0:
+        print(f"[demo] report: {report / 'report.html'} (also report.md, results.json, *.png)")
+        print(f"[demo] plan a budget: protscale plan --budget-flops 1e12 --objective clm "
+              f"--results {report / 'results.json'}")
     print(f"[demo] done in {time.perf_counter() - start:.0f} s. Browse the runs: "
           f"mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
     return 0 if done == len(statuses) else 1

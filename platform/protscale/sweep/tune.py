@@ -34,6 +34,11 @@ def run_one(config: dict) -> None:
     from ..train.trial import finish, prepare_run, trainer
 
     cfg = TrialConfig.from_dict(config["trial"])
+    existing = runs.find_run(cfg.tracking_uri, cfg.experiment, cfg.name)
+    if existing and runs.client(cfg.tracking_uri).get_run(existing).data.tags.get(c.STATUS) in (
+            c.STATUS_COMPLETED, c.STATUS_DIVERGED):
+        print(f"{cfg.name}: already finished (MLflow run {existing}); not trained again", flush=True)
+        return
     if config.get("parent"):
         cfg.init_from = runs.find_run(cfg.tracking_uri, cfg.experiment, config["parent"]) or ""
         if not cfg.init_from:
@@ -52,7 +57,7 @@ def run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool 
     import ray
     from ray import tune
 
-    storage = str(Path(storage).resolve())
+    storage = _join(storage)
     sweep_run = runs.start_run(tracking_uri, space.name, f"sweep-{space.name}",
                                {"space": space.source, "trials": len(space.trials), "data": space.data},
                                {c.KIND: "sweep", c.SWEEP: space.name})
@@ -67,12 +72,12 @@ def run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool 
             continue
         gpu = bool(space.gpus_per_trial)
         param_space = {"trial_name": tune.grid_search([t.name for t in todo])}
-        by_name = {t.name: t for t in todo}
+        by_name = {t.name: t for t in trials}      # a restored Tune run also holds finished trials
 
         def trainable(config, _by_name=by_name):
             t = _by_name[config["trial_name"]]
             run_one({"trial": asdict(trial_config(space, t, tracking_uri)), "parent": t.parent,
-                     "sweep_run_id": sweep_run, "storage": str(Path(storage) / space.name / "trials"),
+                     "sweep_run_id": sweep_run, "storage": _join(storage, space.name, "trials"),
                      "gpu": gpu, "workers": workers(space, t)})
 
         def trial_resources(config, _by_name=by_name):
@@ -81,14 +86,14 @@ def run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool 
 
         trainable = tune.with_resources(trainable, trial_resources)
         name = f"wave{wave}"
-        path = Path(storage) / space.name / name
-        if resume and tune.Tuner.can_restore(str(path)):
-            tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=True)
+        path = _join(storage, space.name, name)
+        if resume and tune.Tuner.can_restore(path):
+            tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True)
         else:
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(max_concurrent_trials=space.max_concurrent or None),
-                run_config=tune.RunConfig(name=name, storage_path=str(Path(storage) / space.name), verbose=1,
+                run_config=tune.RunConfig(name=name, storage_path=_join(storage, space.name), verbose=1,
                                           failure_config=tune.FailureConfig(max_failures=max_failures)))
         tuner.fit()
         done = _finished_trials(tracking_uri, space.name)
@@ -96,6 +101,13 @@ def run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool 
     ok = all(s == c.STATUS_COMPLETED for s in statuses.values())
     runs.finish_run(tracking_uri, sweep_run, c.STATUS_COMPLETED if ok else c.STATUS_FAILED)
     return statuses
+
+
+def _join(storage: str, *parts: str) -> str:
+    """Join storage paths: local paths become absolute; URIs (s3://, gs://) keep their scheme."""
+    if "://" in storage:
+        return "/".join([storage.rstrip("/"), *parts])
+    return str(Path(storage, *parts).resolve())
 
 
 def _finished_trials(tracking_uri: str, experiment: str) -> dict[str, str]:

@@ -27,6 +27,8 @@ SEED = "seed"
 DATA_MANIFEST_HASH = "data_manifest_hash"
 INIT_FROM = "init_from"                    # run id of the CLM trial a transfer MLM starts from ("" if none)
 FLOPS_CONVENTION = "flops_convention"      # how the "flops" metric was counted (see model.sizes)
+INIT_OBJECTIVE = "init_objective"          # transfer trials: objective of the run they start from
+INIT_BUDGET_FLOPS = "init_budget_flops"    # transfer trials: compute budget of that run (D_F = C_F / 6N)
 
 TRIAL_PARAMS = (
     OBJECTIVE, SIZE, LAYERS, D_MODEL, HEADS, N_PARAMS, N_PARAMS_NON_EMBEDDING, BUDGET_FLOPS,
@@ -53,6 +55,7 @@ SOURCE = "source"                  # "trained" | "imported"
 TRIAL = "trial"                    # deterministic trial name within the sweep
 KIND = "kind"                      # "trial" | "sweep" | "analysis"
 PARENT_RUN_ID = "mlflow.parentRunId"
+DEFECTS = "defects"                # comma-separated data defects found by an importer ("" = none)
 
 STATUS_RUNNING, STATUS_COMPLETED, STATUS_DIVERGED, STATUS_FAILED = "running", "completed", "diverged", "failed"
 STATUSES = (STATUS_RUNNING, STATUS_COMPLETED, STATUS_DIVERGED, STATUS_FAILED)

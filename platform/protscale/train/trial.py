@@ -75,7 +75,7 @@ def trainer(cfg: TrialConfig, workers: tuple[int, int], storage: str, max_failur
         train_loop_config=cfg.to_dict(),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=str(Path(storage).resolve()),
+            name=cfg.name, storage_path=storage if "://" in storage else str(Path(storage).resolve()),
             failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=3),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks)),

@@ -1,0 +1,172 @@
+"""IsoFLOP profiles (Hoffmann et al. 2022, "approach 2") → N_opt(C), D_opt(C).
+
+Which points: one point per run, its *final* loss at the end of its own schedule, at the run's budget.
+A run trained with a schedule ending at budget C is only "at C" at its end: intermediate points of a
+cosine schedule are not what a run with budget C would reach, and using them biases the profile. So
+imported curves that pass several budgets contribute only their end point (at their own budget, or the
+compute where the curve ends when no budget is known); see ``budgets.assign_budgets`` for how budgets
+close to each other (within 5% in C) are merged into one IsoFLOP slice.
+
+Per budget, loss vs x = log10 N is fitted by a parabola (least squares); its vertex is N_opt(C). A
+budget gives no vertex when it has fewer than 3 distinct sizes, when the parabola is not convex, or when
+the vertex lies outside the sampled sizes (the minimum is not bracketed: an extrapolated vertex is not
+a measurement). Those budgets are reported and left out. The frontier is the least-squares line
+log10 N_opt = n·log10 C + c over budgets; D_opt = C / (6·N_opt), so its exponent is 1 − n.
+
+Uncertainty (percentile bootstrap, 95%): *run-level* — runs resampled with replacement within each
+budget, every parabola and the frontier refitted (a budget whose replicate has < 3 distinct sizes or no
+bracketed vertex drops out of that replicate); *budget-blocked* — whole budgets resampled with their
+vertices (captures the scatter of budgets around the line). ``n_exponent_ci95`` is the hull of both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from protscale.cli import UserError
+
+from .stats import block_counts, hull, percentile_ci, stratified_counts, weighted_line
+
+MIN_SIZES = 3
+
+
+def _parabola_batched(x: np.ndarray, y: np.ndarray, W: np.ndarray):
+    """Weighted parabola fits y = c0 + c1·u + c2·u², u = x − mean(x), for each weight row.
+
+    Returns (c (R, 3), center, n_distinct (R,)); rows with < 3 distinct x carry NaN coefficients."""
+    center = float(np.mean(x))
+    u = x - center
+    X = np.column_stack([np.ones_like(u), u, u * u])
+    XtWX = np.einsum("rn,ni,nj->rij", W, X, X)
+    XtWy = np.einsum("rn,ni,n->ri", W, X, y)
+    ux = np.unique(np.round(x, 9), return_inverse=True)[1]
+    k = ux.max() + 1
+    present = np.zeros((W.shape[0], k))
+    np.add.at(present, (slice(None), ux), W)
+    n_distinct = (present > 0).sum(1)
+    c = np.full((W.shape[0], 3), np.nan)
+    ok = n_distinct >= MIN_SIZES
+    if ok.any():
+        c[ok] = np.linalg.solve(XtWX[ok], XtWy[ok][..., None])[..., 0]
+    return c, center, n_distinct
+
+
+def _vertex(c: np.ndarray, center: float, lo: float, hi: float):
+    """Vertex x and its loss; NaN where not convex or outside [lo, hi]."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        xv = center - c[:, 1] / (2 * c[:, 2])
+        lv = c[:, 0] - c[:, 1] ** 2 / (4 * c[:, 2])
+    ok = (c[:, 2] > 0) & (xv >= lo) & (xv <= hi)
+    return np.where(ok, xv, np.nan), np.where(ok, lv, np.nan)
+
+
+@dataclass
+class IsoflopFit:
+    result: dict          # JSON-ready
+    boot: dict            # scheme -> (slope samples, intercept samples)
+    profiles: list        # per budget: dict with points and parabola for plots
+
+
+def fit_isoflop(points: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, objective: str = "") -> IsoflopFit:
+    """``points``: one row per run: run_id, n_params, loss (final), budget (IsoFLOP budget label).
+
+    Raises UserError when fewer than two budgets give a vertex.
+    """
+    label = f"objective {objective}: " if objective else ""
+    pts = points[np.isfinite(points["loss"]) & (points["n_params"] > 0)].copy()
+    if pts.empty:
+        raise UserError(f"{label}no finite final losses to fit an IsoFLOP profile")
+    budgets = np.sort(pts["budget"].unique())
+    per_budget, dropped = [], []
+    for b in budgets:
+        g = pts[pts["budget"] == b]
+        nd = g["n_params"].round(0).nunique()
+        if nd < MIN_SIZES:
+            dropped.append({"budget": float(b), "reason": f"only {nd} model size(s) (need {MIN_SIZES})",
+                            "n_runs": int(len(g))})
+            continue
+        x = np.log10(g["n_params"].to_numpy(float))
+        y = g["loss"].to_numpy(float)
+        c, center, _ = _parabola_batched(x, y, np.ones((1, x.size)))
+        xv, lv = _vertex(c, center, x.min(), x.max())
+        entry = {"budget": float(b), "x": x, "y": y, "run_ids": g["run_id"].tolist(), "coef": c[0],
+                 "center": center, "xv": float(xv[0]), "lv": float(lv[0])}
+        if not np.isfinite(xv[0]):
+            why = ("parabola not convex" if not c[0, 2] > 0 else
+                   "minimum not bracketed by the sampled sizes (vertex outside them)")
+            dropped.append({"budget": float(b), "reason": why, "n_runs": int(len(g))})
+            entry["used"] = False
+        else:
+            entry["used"] = True
+        per_budget.append(entry)
+    used = [e for e in per_budget if e["used"]]
+    if len(used) < 2:
+        reasons = "; ".join(f"{d['budget']:.3g}: {d['reason']}" for d in dropped) or "none dropped"
+        raise UserError(
+            f"{label}an IsoFLOP frontier needs at least 2 budgets with a bracketed minimum over >= {MIN_SIZES} "
+            f"model sizes; got {len(used)} of {len(budgets)} budget(s) ({reasons})")
+    logC = np.log10([e["budget"] for e in used])
+    xv = np.array([e["xv"] for e in used])
+    slope, icpt = weighted_line(logC, xv, np.ones((1, xv.size)))
+    n_exp, c0 = float(slope[0]), float(icpt[0])
+
+    rng = np.random.default_rng(seed)
+    # run-level: stratified resampling within each budget, all replicates at once per budget
+    xv_boot = np.full((n_boot, len(used)), np.nan)
+    for j, e in enumerate(used):
+        W = stratified_counts(np.zeros(e["x"].size), n_boot, rng)
+        c, center, _ = _parabola_batched(e["x"], e["y"], W)
+        xv_boot[:, j], _ = _vertex(c, center, e["x"].min(), e["x"].max())
+    s_run, i_run = weighted_line(logC, xv_boot, np.isfinite(xv_boot).astype(float))
+    # budget-blocked
+    W = block_counts(np.arange(len(used)), n_boot, rng)
+    s_bud, i_bud = weighted_line(logC, xv, W)
+    boot = {"run": (s_run, i_run), "budget": (s_bud, i_bud)}
+    ci_run, ci_bud = percentile_ci(s_run), percentile_ci(s_bud)
+    ci = hull(ci_run, ci_bud)
+
+    def d_ci(iv):
+        return None if iv is None else [1.0 - iv[1], 1.0 - iv[0]]
+
+    result = {
+        "n_exponent": n_exp,
+        "n_exponent_ci95": ci,
+        "n_exponent_ci95_run": ci_run,
+        "n_exponent_ci95_budget": ci_bud,
+        "n_coefficient": float(10 ** c0),
+        "d_exponent": 1.0 - n_exp,
+        "d_exponent_ci95": d_ci(ci),
+        "d_exponent_ci95_run": d_ci(ci_run),
+        "d_exponent_ci95_budget": d_ci(ci_bud),
+        "d_coefficient": float(10 ** (-c0) / 6.0),
+        "bootstrap": {"n_boot": int(n_boot), "seed": int(seed),
+                      "failed_fraction_run": float(np.mean(~np.isfinite(s_run))),
+                      "failed_fraction_budget": float(np.mean(~np.isfinite(s_bud)))},
+        "budgets": [
+            {"budget": e["budget"], "n_runs": int(e["x"].size), "n_sizes": int(np.unique(np.round(e["x"], 9)).size),
+             "used": e["used"], "n_opt": float(10 ** e["xv"]) if np.isfinite(e["xv"]) else None,
+             "d_opt": float(e["budget"] / (6 * 10 ** e["xv"])) if np.isfinite(e["xv"]) else None,
+             "loss_opt": float(e["lv"]) if np.isfinite(e["lv"]) else None,
+             "n_opt_ci95_run": (lambda iv: None if iv is None else [10 ** iv[0], 10 ** iv[1]])(
+                 percentile_ci(xv_boot[:, used.index(e)])) if e["used"] else None,
+             "parabola": [float(v) for v in e["coef"]], "parabola_center_log10n": e["center"]}
+            for e in per_budget],
+        "dropped_budgets": dropped,
+    }
+    return IsoflopFit(result=result, boot=boot, profiles=per_budget)
+
+
+def frontier_samples(fit: IsoflopFit) -> dict:
+    """Bootstrap (slope, intercept) pairs per scheme, finite only (for results.json and plan)."""
+    out = {}
+    for k, (s, i) in fit.boot.items():
+        ok = np.isfinite(s) & np.isfinite(i)
+        out[k] = np.column_stack([s[ok], i[ok]])
+    return out
+
+
+def predict_n_opt(slope, intercept, compute):
+    return 10 ** (np.asarray(intercept, float) + np.asarray(slope, float) * np.log10(compute))

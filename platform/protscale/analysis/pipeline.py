@@ -1,0 +1,230 @@
+"""The whole analysis of a set of runs: checks, then per objective the envelope, IsoFLOP, parametric and
+transfer fits with bootstrap intervals, then the allocation tables. Returns the ``results.json`` dict
+(see ``SCHEMA.md``) and the in-memory pieces the plots need.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from protscale.cli import UserError
+
+from . import allocation, envelope, isoflop, parametric, transfer
+from .checks import final_points, run_checks
+from .results import SCHEMA_VERSION, clean_json
+from .stats import single_thread_blas
+
+SAMPLES_KEPT = 400   # bootstrap samples stored in results.json per scheme (for `protscale plan`)
+
+
+@dataclass
+class Config:
+    n_boot: int = 1000               # IsoFLOP / envelope / transfer replicates per scheme
+    n_boot_parametric: int = 200     # parametric replicates per scheme (each is an L-BFGS refit)
+    seed: int = 0
+    snap_tol: float = 0.05
+    flops_tol: float = 0.05
+    blowup_ratio: float = 1.10
+    parametric_points: str = "isoflop"   # "isoflop": runs of budgets with >= 3 sizes; "all": every run end
+    parametric_init: list | None = None  # extra start [E, A, B, alpha, beta]
+    parametric_grid: str | dict = "full"  # "full" (4,500 starts), "coarse" (243) or {e, a, b, alpha, beta: values}
+    basin_rel_tol: float = 0.02
+    metric: str = "val_loss"
+    progress: bool = True
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "progress"}
+
+
+@dataclass
+class Analysis:
+    results: dict
+    plot_data: dict = field(default_factory=dict)
+
+
+def _log(cfg: Config, msg: str) -> None:
+    if cfg.progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _samples(arr: np.ndarray, k: int = SAMPLES_KEPT) -> list:
+    arr = np.asarray(arr, float)
+    arr = arr[np.all(np.isfinite(arr), axis=1)] if arr.ndim == 2 else arr[np.isfinite(arr)]
+    return [[float(f"{v:.6g}") for v in row] for row in arr[:k]]
+
+
+def analyze(runs: pd.DataFrame, curves: pd.DataFrame, cfg: Config | None = None, *,
+            experiments: list[str] | None = None, tracking_uri: str | None = None) -> Analysis:
+    """Checks, fits and allocation tables; raises UserError when nothing can be fitted."""
+    with single_thread_blas():
+        return _analyze(runs, curves, cfg or Config(), experiments=experiments, tracking_uri=tracking_uri)
+
+
+def _analyze(runs: pd.DataFrame, curves: pd.DataFrame, cfg: Config, *,
+             experiments: list[str] | None = None, tracking_uri: str | None = None) -> Analysis:
+    clean_runs, clean_curves, rep = run_checks(runs, curves, flops_tol=cfg.flops_tol, blowup_ratio=cfg.blowup_ratio)
+    _log(cfg, f"checks: {rep.n_runs_in} trial run(s), {rep.n_runs_clean} clean; {rep.summary()}")
+    if clean_runs.empty:
+        raise UserError(f"no run left to fit after the data checks ({rep.summary()})")
+    objectives = sorted(str(o) for o in clean_runs["objective"].dropna().unique())
+    out = {"schema_version": SCHEMA_VERSION, "experiments": experiments or [], "tracking_uri": tracking_uri,
+           "config": cfg.to_json(), "checks": None, "objectives": {}}
+    plot_data: dict = {}
+    fitted_any = []
+    skipped_reasons = []
+    for obj in objectives:
+        _log(cfg, f"[{obj}] fitting")
+        o_runs = clean_runs[clean_runs["objective"] == obj]
+        scratch = o_runs[o_runs["init_from"].fillna("").astype(str).str.len() == 0]
+        sc_curves = clean_curves[clean_curves["run_id"].isin(scratch["run_id"])]
+        res: dict = {"n_runs": int(len(o_runs)), "n_scratch_runs": int(len(scratch)),
+                     "n_transfer_runs": int(len(o_runs) - len(scratch))}
+        pd_obj: dict = {"curves": sc_curves}
+        fp = final_points(scratch, sc_curves, snap_tol=cfg.snap_tol) if len(scratch) else pd.DataFrame()
+        if len(fp):
+            early = fp[~fp["reached"]]
+            if len(early):
+                rep.add("not_at_budget", "warning", early["run_id"],
+                        f"[{obj}] {len(early)} run(s) end more than 10% below their budget (stopped early): "
+                        "left out of the IsoFLOP and parametric fits")
+            fp = fp[fp["reached"]]
+            pd_obj["final_points_all"] = fp
+            unplanned = fp[fp["budget_source"] == "curve_end"]
+            if len(unplanned) and len(unplanned) < len(fp):
+                # IsoFLOP slices are a design: runs without a planned budget do not join them
+                rep.issues.append({"check": "no_planned_budget", "severity": "info",
+                                   "run_ids": [str(r) for r in unplanned["run_id"]],
+                                   "message": f"[{obj}] {len(unplanned)} run(s) without a planned budget (budget = "
+                                   "where the curve ends): used in the envelope, not in IsoFLOP slices"})
+                fp = fp[fp["budget_source"] != "curve_end"]
+            elif len(unplanned):
+                rep.issues.append({"check": "no_planned_budget", "severity": "warning", "run_ids": [],
+                                   "message": f"[{obj}] no run has a planned budget: IsoFLOP slices are formed from "
+                                   "the computes where curves end (merged within 5%)"})
+        pd_obj["final_points"] = fp
+        # IsoFLOP
+        try:
+            if len(fp) == 0:
+                raise UserError(f"objective {obj}: no scratch run with a final point")
+            pts = fp.rename(columns={"final_loss": "loss"})[["run_id", "n_params", "loss", "budget"]]
+            iso = isoflop.fit_isoflop(pts, n_boot=cfg.n_boot, seed=cfg.seed, objective=obj)
+            r = iso.result
+            smp = isoflop.frontier_samples(iso)
+            r["bootstrap_samples"] = {k: _samples(v) for k, v in smp.items()}
+            r["bootstrap_samples_columns"] = ["n_exponent", "log10_n_coefficient"]
+            res["isoflop"] = r
+            pd_obj["isoflop"] = iso
+            fitted_any.append(obj)
+            for d in r["dropped_budgets"]:
+                rep.issues.append({"check": "isoflop_budget", "severity": "warning", "run_ids": [],
+                                   "message": f"[{obj}] budget {d['budget']:.3g} left out of the frontier: "
+                                   f"{d['reason']} ({d['n_runs']} run(s))"})
+            _log(cfg, f"[{obj}] IsoFLOP: N_opt ∝ C^{r['n_exponent']:.3f} 95% {_fmt_ci(r['n_exponent_ci95'])}")
+        except UserError as exc:
+            res["isoflop"] = {"status": "skipped", "reason": str(exc)}
+            skipped_reasons.append(str(exc))
+            _log(cfg, f"[{obj}] IsoFLOP skipped: {exc}")
+        # envelope
+        try:
+            blocks = dict(zip(fp["run_id"], fp["budget"])) if len(fp) else {}
+            res["envelope"] = envelope.fit_envelope(sc_curves, blocks, n_boot=cfg.n_boot, seed=cfg.seed,
+                                                    objective=obj)
+        except UserError as exc:
+            res["envelope"] = {"status": "skipped", "reason": str(exc)}
+        # parametric
+        res["parametric"] = _parametric(obj, fp, pd_obj.get("final_points_all", fp), res.get("isoflop", {}), cfg,
+                                        pd_obj)
+        # transfer (this objective as the target)
+        res["transfer"] = _transfer(obj, clean_runs, clean_curves, fp, cfg, pd_obj)
+        # compute-optimal allocation table
+        res["allocation"] = allocation.single_objective_table(res)
+        out["objectives"][obj] = res
+        plot_data[obj] = pd_obj
+    if not fitted_any:
+        raise UserError("nothing could be fitted: " + " | ".join(skipped_reasons) + f" (data checks: {rep.summary()})")
+    out["allocation"] = allocation.transfer_tables(out)
+    out["checks"] = rep.to_json()
+    return Analysis(results=clean_json(out), plot_data=plot_data)
+
+
+def _fmt_ci(ci) -> str:
+    return "n/a" if not ci else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _parametric(obj: str, fp: pd.DataFrame, fp_all: pd.DataFrame, iso: dict, cfg: Config, pd_obj: dict) -> dict:
+    if len(fp_all) == 0:
+        return {"status": "skipped", "reason": "no final points"}
+    if cfg.parametric_points == "isoflop":
+        grid_budgets = [b["budget"] for b in iso.get("budgets", [])] if "budgets" in iso else []
+        pts = fp[fp["budget"].isin(grid_budgets)]
+        how = "final points of the runs in IsoFLOP budgets with >= 3 sizes"
+    else:
+        pts = fp_all
+        how = "final points of every clean scratch run"
+    if len(pts) < 8 or pts["n_params"].round(0).nunique() < 3:
+        return {"status": "skipped",
+                "reason": f"objective {obj}: the parametric fit needs >= 8 points over >= 3 sizes ({how}); "
+                          f"got {len(pts)} point(s)"}
+    _log(cfg, f"[{obj}] parametric: L-BFGS from the initialisation grid ({len(pts)} points)")
+    n, d, L = (pts[k].to_numpy(float) for k in ("n_params", "final_tokens", "final_loss"))
+    fit = parametric.fit_parametric(n, d, L, grid=cfg.parametric_grid, init=cfg.parametric_init,
+                                    basin_rel_tol=cfg.basin_rel_tol)
+    boot = parametric.bootstrap_parametric(n, d, L, pts["budget"].to_numpy(), fit, n_boot=cfg.n_boot_parametric,
+                                           seed=cfg.seed, progress=cfg.progress)
+    ci = parametric.summarize_bootstrap(boot)
+    best = fit.best
+    resid = np.log(parametric.predict_loss(best, n, d)) - np.log(L)
+    r = {
+        "points": how, "n_points": fit.n_points, "n_starts": fit.n_starts, "huber_delta": parametric.HUBER_DELTA,
+        "best": best, "objective_value": fit.objective,
+        "allocation_exponent": float(parametric.allocation_exponent(best["alpha"], best["beta"])),
+        "allocation_exponent_ci95": ci["allocation_exponent"]["ci95"],
+        "allocation_exponent_ci95_run": ci["allocation_exponent"]["run"],
+        "allocation_exponent_ci95_budget": ci["allocation_exponent"]["budget"],
+        "alpha_ci95": ci["alpha"]["ci95"], "beta_ci95": ci["beta"]["ci95"],
+        "basins": fit.basins, "basin_rel_tol": cfg.basin_rel_tol,
+        "from_init": fit.from_init,
+        "rmse_log": float(np.sqrt(np.mean(resid ** 2))),
+        "bootstrap": {"n_boot": cfg.n_boot_parametric, "seed": cfg.seed},
+        "bootstrap_samples": {k: _samples(np.column_stack([v[p] for p in parametric.PARAM_NAMES]))
+                              for k, v in boot.items()},
+        "bootstrap_samples_columns": list(parametric.PARAM_NAMES),
+    }
+    pd_obj["parametric"] = {"points": pts, "fit": fit}
+    _log(cfg, f"[{obj}] parametric: best E={best['E']:.4g} A={best['A']:.4g} B={best['B']:.4g} "
+              f"alpha={best['alpha']:.4f} beta={best['beta']:.4f}; {len(fit.basins)} basin(s) near the optimum")
+    return r
+
+
+def _transfer(obj: str, runs: pd.DataFrame, curves: pd.DataFrame, fp: pd.DataFrame, cfg: Config,
+              pd_obj: dict) -> dict | None:
+    o = runs[runs["objective"] == obj]
+    if not (o["init_from"].fillna("").astype(str).str.len() > 0).any():
+        return None
+    rr = runs.copy()
+    bmap = dict(zip(fp["run_id"], fp["budget"])) if len(fp) else {}
+    rr["budget"] = [bmap.get(r, b) for r, b in zip(rr["run_id"], rr["budget_flops"])]
+    td = transfer.transfer_points(curves, rr, obj)
+    pd_obj["transfer"] = td
+    pd_obj["all_curves"] = curves[curves["run_id"].isin(o["run_id"])]
+    fit = transfer.fit_transfer(td.points, n_boot=cfg.n_boot, seed=cfg.seed, pairs=td.pairs)
+    sources = sorted({p["init_objective"] for p in td.pairs if p["init_objective"]})
+    base = {"source_objectives": sources, "pairs": td.pairs, "notes": td.notes}
+    if fit is None:
+        base.update(status="skipped",
+                    reason=f"objective {obj}: the transfer law needs >= 2 transfer runs paired with a scratch run "
+                           f"of the same size; got {len(td.pairs)}")
+        return base
+    boot = fit.pop("_boot")
+    base.update(fit)
+    cols = ["log_k", "a", "b", "eta"]
+    base["bootstrap_samples"] = {
+        k: _samples(np.column_stack([np.nan_to_num(v[c], nan=0.0) if c in ("b", "eta") else v[c] for c in cols]))
+        for k, v in boot.items()}
+    base["bootstrap_samples_columns"] = cols
+    _log(cfg, f"[{obj}] transfer: D_t = {fit['k']:.3g}·D_F^{fit['a']:.3f}·N^{fit['b'] if fit['b'] is not None else float('nan'):.3f}")
+    return base

@@ -1,0 +1,189 @@
+"""PNG plots of a fit: IsoFLOP profiles, the N_opt(C) / D_opt(C) frontier with its 95% band, the loss
+envelope L(C) and, when transfer runs exist, the transfer curves and the D_t law."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _band(samples: dict, grid: np.ndarray):
+    """Pointwise 95% band of N_opt over a compute grid: hull of the per-scheme percentile bands."""
+    lo, hi = np.full(grid.size, np.inf), np.full(grid.size, -np.inf)
+    for smp in samples.values():
+        s = np.asarray(smp, float).reshape(-1, 2)
+        if len(s) < 10:
+            continue
+        pred = s[:, 1][:, None] + s[:, 0][:, None] * np.log10(grid)[None, :]
+        lo = np.minimum(lo, np.percentile(pred, 2.5, axis=0))
+        hi = np.maximum(hi, np.percentile(pred, 97.5, axis=0))
+    ok = np.isfinite(lo) & np.isfinite(hi)
+    return (10 ** lo, 10 ** hi) if ok.all() else (None, None)
+
+
+def plot_isoflop(obj: str, iso_res: dict, iso_fit, path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    cmap = plt.get_cmap("viridis")
+    prof = iso_fit.profiles
+    for k, e in enumerate(prof):
+        col = cmap(k / max(1, len(prof) - 1))
+        ax.scatter(10 ** e["x"], e["y"], color=col, s=18, label=f"{e['budget']:.2g}", zorder=3)
+        if np.all(np.isfinite(e["coef"])):
+            u = np.linspace(e["x"].min() - 0.1, e["x"].max() + 0.1, 100)
+            c0, c1, c2 = e["coef"]
+            ax.plot(10 ** u, c0 + c1 * (u - e["center"]) + c2 * (u - e["center"]) ** 2, color=col,
+                    lw=1.2, ls="-" if e["used"] else ":")
+        if e["used"]:
+            ax.scatter([10 ** e["xv"]], [e["lv"]], marker="*", s=90, color=col, edgecolor="k", zorder=4)
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters N")
+    ax.set_ylabel("final loss")
+    ax.set_title(f"{obj.upper()} IsoFLOP profiles (★ = fitted minimum; dotted = budget not used)")
+    ax.legend(title="budget (FLOPs)", fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_frontier(obj: str, iso_res: dict, path: Path) -> Path:
+    plt = _plt()
+    used = [b for b in iso_res["budgets"] if b["used"]]
+    C = np.array([b["budget"] for b in used])
+    N = np.array([b["n_opt"] for b in used])
+    grid = np.logspace(np.log10(C.min()) - 0.3, np.log10(C.max()) + 1.0, 60)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+    nfit = iso_res["n_coefficient"] * grid ** iso_res["n_exponent"]
+    lo, hi = _band(iso_res.get("bootstrap_samples") or {}, grid)
+    ci = iso_res.get("n_exponent_ci95")
+    ax = axes[0]
+    if lo is not None:
+        ax.fill_between(grid, lo, hi, color="C0", alpha=0.2, label="95% band (bootstrap hull)")
+    ax.plot(grid, nfit, color="C0",
+            label=f"N_opt ∝ C^{iso_res['n_exponent']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+    ax.scatter(C, N, color="k", zorder=3, s=20, label="IsoFLOP minima")
+    errs = [b.get("n_opt_ci95_run") for b in used]
+    for c, n, e in zip(C, N, errs):
+        if e:
+            ax.plot([c, c], e, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("compute C (FLOPs)")
+    ax.set_ylabel("N_opt")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    dfit = grid / (6 * nfit)
+    if lo is not None:
+        ax.fill_between(grid, grid / (6 * hi), grid / (6 * lo), color="C1", alpha=0.2)
+    dci = iso_res.get("d_exponent_ci95")
+    ax.plot(grid, dfit, color="C1",
+            label=f"D_opt ∝ C^{iso_res['d_exponent']:.3f}" + (f" [{dci[0]:.3f}, {dci[1]:.3f}]" if dci else ""))
+    ax.scatter(C, C / (6 * N), color="k", s=20, zorder=3)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("compute C (FLOPs)")
+    ax.set_ylabel("D_opt (tokens)")
+    ax.legend(fontsize=8)
+    fig.suptitle(f"{obj.upper()} compute-optimal frontier")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_envelope(obj: str, env: dict, curves, iso_res: dict | None, path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for _, g in curves.groupby("run_id"):
+        ax.plot(g["flops"], g["loss"], color="0.75", lw=0.6)
+    grid = np.array(env["grid"])
+    e = np.array([np.nan if v is None else v for v in env["envelope"]], float)
+    ax.plot(grid, e, color="C3", lw=2, label="envelope (lowest loss at C)")
+    ci = env.get("b_ci95")
+    ax.plot(grid, env["a"] * grid ** env["b"], "k--",
+            label=f"L = {env['a']:.3g}·C^{env['b']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
+    if iso_res and "budgets" in iso_res:
+        used = [b for b in iso_res["budgets"] if b["used"] and b.get("loss_opt")]
+        ax.scatter([b["budget"] for b in used], [b["loss_opt"] for b in used], color="C0", zorder=3, s=20,
+                   label="IsoFLOP minima")
+    ax.set_xscale("log")
+    ax.set_xlabel("compute C (FLOPs)")
+    ax.set_ylabel("loss")
+    lo = np.nanmin(e) if np.isfinite(e).any() else None
+    if lo is not None:
+        ax.set_ylim(lo - 0.1, np.nanmax(e) + 0.4)
+    ax.set_title(f"{obj.upper()} loss vs compute")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_transfer(obj: str, tr: dict, td, curves, path: Path) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+    ax = axes[0]
+    by = {rid: g for rid, g in curves.groupby("run_id")}
+    for k, p in enumerate(tr.get("pairs", [])):
+        col = f"C{k % 10}"
+        for rid, ls, lab in ((p["scratch_run_id"], ":", "scratch"), (p["run_id"], "-", "transferred")):
+            g = by.get(rid)
+            if g is not None:
+                ax.plot(g["tokens"], g["loss"], ls=ls, color=col, lw=1,
+                        label=f"N={p['n_params']:.3g} {lab}" if k < 6 else None)
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens of the target objective")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{obj.upper()}: from scratch (dotted) vs initialised (solid)")
+    ax.legend(fontsize=6, ncol=2)
+    ax = axes[1]
+    pts = td.points
+    if len(pts):
+        sc = ax.scatter(pts["d_f"], pts["d_t"], c=np.log10(pts["n_params"]), s=10, cmap="viridis")
+        fig.colorbar(sc, ax=ax, label="log10 N")
+        if "k" in tr:
+            b = tr.get("b") or 0.0
+            for n in np.unique(pts["n_params"]):
+                x = np.logspace(np.log10(pts["d_f"].min()), np.log10(pts["d_f"].max()), 30)
+                ax.plot(x, tr["k"] * x ** tr["a"] * n ** b, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("D_F: tokens seen by the initialised run")
+    ax.set_ylabel("D_t: effectively transferred tokens")
+    if "k" in tr:
+        ax.set_title(f"D_t = {tr['k']:.3g}·D_F^{tr['a']:.3f}·N^{(tr.get('b') or 0):.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def make_plots(results: dict, plot_data: dict, out: Path) -> list[Path]:
+    out = Path(out)
+    paths = []
+    for obj, r in results["objectives"].items():
+        pdo = plot_data.get(obj, {})
+        iso = r.get("isoflop") or {}
+        if "n_exponent" in iso and "isoflop" in pdo:
+            paths.append(plot_isoflop(obj, iso, pdo["isoflop"], out / f"isoflop_{obj}.png"))
+            paths.append(plot_frontier(obj, iso, out / f"frontier_{obj}.png"))
+        env = r.get("envelope") or {}
+        if "b" in env:
+            paths.append(plot_envelope(obj, env, pdo.get("curves"), iso, out / f"loss_vs_compute_{obj}.png"))
+        tr = r.get("transfer")
+        if tr and "transfer" in pdo and tr.get("pairs"):
+            paths.append(plot_transfer(obj, tr, pdo["transfer"], pdo.get("all_curves", pdo.get("curves")),
+                                       out / f"transfer_{obj}.png"))
+    return paths
