@@ -13,7 +13,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from protscale.cli import UserError
 from protscale.cluster.mlflow_auth import check_tracking_access, mlflow_errors
 from protscale.tracking import contract as c
 from protscale.tracking import runs
+from servers import free_port, session_pids
 
 pytestmark = pytest.mark.slow          # a real server: start, migrations, two users; ~30 s or more
 
@@ -37,24 +37,7 @@ ADMIN = "admin"
 RAY_USER = "ray"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[3]) == sid and fields[0] != "Z":
-                pids.append(int(entry.name))
-    return pids
 
 
 def manifest_allowed_hosts() -> str:
@@ -71,7 +54,7 @@ def server(tmp_path_factory):
                    "default_permission = READ\n"
                    f"database_uri = sqlite:///{tmp / 'auth.db'}\n"
                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     # Configured through the same environment variables as the Deployment in the manifest.
     env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_USERNAME=ADMIN,
@@ -107,7 +90,7 @@ def server(tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             pass
-        for pid in _session_pids(proc.pid):
+        for pid in session_pids(proc.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -11,7 +11,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import pytest
 
 from protscale.cli import UserError, main
 from protscale.cluster import submit as sb
+from servers import free_port, session_pids
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"
@@ -89,7 +89,7 @@ def test_runtime_env_of_a_checkout_ships_the_package(tmp_path):
 
 
 def test_unreachable_address_is_one_clear_line(capsys):
-    port = _free_port()   # nothing listens there
+    port = free_port()   # nothing listens there
     assert main(["status", "raysubmit_x", "--address", f"http://127.0.0.1:{port}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "cannot reach the Ray Jobs API" in err and "--address" in err
@@ -104,26 +104,7 @@ def test_submit_needs_an_entrypoint(capsys):
 # a real head
 # ----------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def _session_pids(sid: int) -> list[int]:
-    """Processes of the session that `ray start` (started with start_new_session) leads."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[3]) == sid and fields[0] != "Z":       # fields: state ppid pgrp session ...
-            pids.append(int(entry.name))
-    return pids
 
 
 @pytest.fixture(scope="module")
@@ -131,12 +112,12 @@ def ray_head():
     """A Ray head with the Jobs API and token auth, on its own ports and temp dir."""
     token = secrets.token_hex(32)
     temp_dir = tempfile.mkdtemp(prefix="psray", dir="/tmp")    # short: Ray's unix sockets live here
-    dashboard = _free_port()
-    ports = {"--port": _free_port(), "--dashboard-port": dashboard,
-             "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
-             "--runtime-env-agent-port": _free_port(), "--metrics-export-port": _free_port(),
-             "--node-manager-port": _free_port(), "--object-manager-port": _free_port(),
-             "--ray-client-server-port": _free_port()}
+    dashboard = free_port()
+    ports = {"--port": free_port(), "--dashboard-port": dashboard,
+             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+             "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
+             "--node-manager-port": free_port(), "--object-manager-port": free_port(),
+             "--ray-client-server-port": free_port()}
     cmd = [str(RAY), "start", "--head", "--block", "--num-cpus", "1", "--temp-dir", temp_dir,
            "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
            "--include-dashboard", "true", "--disable-usage-stats",
@@ -171,7 +152,7 @@ def ray_head():
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             pass
-        for pid in _session_pids(proc.pid):       # whatever is left of *this* head, by process id
+        for pid in session_pids(proc.pid):       # whatever is left of *this* head, by process id
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

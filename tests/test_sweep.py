@@ -48,19 +48,8 @@ def test_bad_space_file_is_a_one_line_error(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "missing.py"), "--dry-run"]) == 2
 
 
-@pytest.fixture(autouse=True)
-def _space_modules(monkeypatch):
-    """Make search_spaces/*.py importable as search_spaces_<name> for assertions on their constants."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("search_spaces_paper", REPO / "search_spaces" / "paper_clm.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    monkeypatch.setitem(sys.modules, "search_spaces_paper", mod)
-
-
 def test_dry_run_paper_grid_rows(capsys):
-    import search_spaces_paper as paper
+    from protscale.sweep import paper
 
     assert main(["sweep", str(REPO / "search_spaces" / "paper_clm.py"), "--dry-run"]) == 0
     out = capsys.readouterr().out

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from protscale.cli import UserError
 from protscale.tracking import contract as c
 from protscale.tracking import reader
 from protscale.tracking.reader import UnknownExperimentError, curves, read_experiments
+from servers import free_port
 
 T0 = 1_700_000_000_000
 
@@ -174,10 +174,6 @@ def test_curves_join_tokens_and_flops_by_step(store):
 
 
 # --- through a real tracking server -------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +182,7 @@ def server(store, tmp_path_factory):
     work = tmp_path_factory.mktemp("server")
     db = work / "server.db"
     shutil.copy(path, db)
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     log = open(work / "server.log", "wb")

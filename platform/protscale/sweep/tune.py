@@ -54,7 +54,6 @@ def run_one(config: dict) -> None:
 def run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool = False,
               max_failures: int = 1) -> dict:
     """Run every trial of ``space`` (finished ones are skipped on resume). Returns {trial: status}."""
-    import ray
     from ray import tune
 
     storage = _join(storage)

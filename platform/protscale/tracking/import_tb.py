@@ -224,7 +224,7 @@ def read_csv(path: Path, rel: str) -> tuple[bytes, np.ndarray]:
         try:
             line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
         except UnicodeDecodeError:
-            raise ParseError(f"{rel}:{lineno}", f"not UTF-8 text") from None
+            raise ParseError(f"{rel}:{lineno}", "not UTF-8 text") from None
         if not line:
             continue
         if not header_seen:
@@ -244,7 +244,7 @@ def read_csv(path: Path, rel: str) -> tuple[bytes, np.ndarray]:
     if not header_seen:
         raise ParseError(f"{rel}:1", "empty file (expected the header 'Wall time,Step,Value')")
     if not rows:
-        raise ParseError(f"{rel}:{len(lines)}", f"no data rows after the header")
+        raise ParseError(f"{rel}:{len(lines)}", "no data rows after the header")
     return data, np.asarray(rows, dtype=np.float64)
 
 

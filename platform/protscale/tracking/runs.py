@@ -56,7 +56,7 @@ def find_run(tracking_uri: str, experiment: str, trial: str) -> str | None:
 def start_run(tracking_uri: str, experiment: str, name: str, params: dict, tags: dict,
               parent_run_id: str | None = None) -> str:
     """Find the run tagged ``trial=name`` or create it, with params and tags; returns its id."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param
 
     run_id = find_run(tracking_uri, experiment, name)
     cl = client(tracking_uri)
