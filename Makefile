@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 ## The whole test suite (slow end-to-end tests included), as CI runs it.
 test: $(STAMP)
-	$(VENV)/bin/pytest -q -ra
+	$(VENV)/bin/pytest -q -ra --durations=12
 
 ## Everything but the slow end-to-end tests.
 test-fast: $(STAMP)

@@ -61,7 +61,10 @@ def server(tmp_path_factory):
                MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
                MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
                MLFLOW_BACKEND_STORE_URI=f"sqlite:///{tmp / 'mlflow.db'}",
-               MLFLOW_ARTIFACTS_DESTINATION=str(tmp / "artifacts"))
+               MLFLOW_ARTIFACTS_DESTINATION=str(tmp / "artifacts"),
+               # Not in the Deployment: MLflow's background job runners (GenAI features) took up to
+               # 40 s of server start-up on a 2-core machine, and nothing here uses them.
+               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     # One worker (the Deployment runs 2): uvicorn's supervisor kills workers that take over 5 s to
     # start, which they do on a loaded CI machine.
     cmd = [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--app-name", "basic-auth",
