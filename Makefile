@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	# CPU build of torch first (a plain `torch` requirement would pull the multi-GB CUDA build).
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# DeepSpeed compiles its CPU communication op at the first engine (~2 min); do it once here.
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	rm -f $(VENV)/.installed-*; touch $@
 
 ## The main job: a real demo sweep (Ray Tune + Ray Train/DeepSpeed, local MLflow store) then the analyzer.

@@ -342,7 +342,7 @@ def test_manifest_hash_stable_and_sensitive(tmp_path):
 
 def test_bundled_demo_data(tmp_path, capsys):
     assert bundled_path("main") == MAIN and bundled_path("ood") == OOD
-    assert MAIN.stat().st_size + OOD.stat().st_size < 1_500_000
+    assert MAIN.stat().st_size + OOD.stat().st_size < 2_000_000
     assert "CC BY 4.0" in (MAIN.parent / "README.md").read_text()
     with pytest.raises(FileNotFoundError):
         bundled_path("nope.fasta")
@@ -350,7 +350,7 @@ def test_bundled_demo_data(tmp_path, capsys):
     assert rc == 0, err
     assert "prepared" in out and len(out.strip().splitlines()) == 1
     m = shards.read_manifest(tmp_path / "demo")
-    assert m["sources"][0]["path"] == f"bundled:{MAIN.name}" and m["sources"][0]["records"] == 3000
+    assert m["sources"][0]["path"] == f"bundled:{MAIN.name}" and m["sources"][0]["records"] == 6000
     assert m["ood"]["method"] == "source" and m["splits"]["test"]["sequences"] > 300
     assert m["splits"]["val"]["sequences"] == 100 and m["seq_len"] == 256 and m["tokenizer"] == "esm2"
     with pytest.raises(UserError, match="--ood and --ood-clusters"):

@@ -25,6 +25,8 @@ from . import checkpoint, recipe
 from .batches import Batches
 from .config import TrialConfig
 
+RESUMED_FROM_STEP = "resumed_from_step"     # MLflow tag: the step of the checkpoint of the last restart
+
 # Dense bf16 peak FLOP/s per device, for MFU (vendor figures).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -64,6 +66,8 @@ def train_loop_per_worker(config: dict) -> None:
         engine.module.load_state_dict(checkpoint.load_weights(cfg.tracking_uri, cfg.init_from))
 
     logger = MetricsLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 else None
+    if logger and state["step"]:       # visible in the UI: this trial was restarted from a checkpoint
+        logger.client.set_tag(cfg.run_id, RESUMED_FROM_STEP, str(state["step"]))
     s_eff = effective_context(train.rows.seq_lens)
     flops_per_token = train_flops_per_token(cfg.model_size, s_eff)
     peak = cfg.peak_flops or _peak_flops(device)

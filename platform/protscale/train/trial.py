@@ -27,10 +27,11 @@ class TrialResult:
     def summary(self, name: str) -> str:
         m = self.metrics
         evals = " ".join(f"{k} {m[k]:.4f}" for k in (c.VAL_LOSS, c.TEST_LOSS) if k in m)
-        tokens = m.get("tokens", 0)
+        tokens = int(m.get(c.TOKENS, 0))
         return (f"{name}: {self.status} | train_loss {m.get(c.TRAIN_LOSS, float('nan')):.4f} {evals} | "
-                f"tokens {tokens:,} | flops {m.get('flops', 0):.3g} | {self.wall_s:.1f} s | "
-                f"{tokens / max(self.wall_s, 1e-9):,.0f} tok/s overall | mlflow run {self.run_id}")
+                f"tokens {tokens:,} | flops {m.get(c.FLOPS, 0):.3g} | {self.wall_s:.1f} s wall | "
+                f"{m.get(c.TOKENS_PER_S, 0):,.0f} tok/s training, {tokens / max(self.wall_s, 1e-9):,.0f} "
+                f"overall | mlflow run {self.run_id}")
 
 
 def connect_ray(address: str | None = None) -> None:
@@ -95,11 +96,15 @@ def run_trial(cfg: TrialConfig, workers: tuple[int, int] = (1, 1), storage: str 
 
 
 def finish(cfg: TrialConfig, result, wall_s: float) -> TrialResult:
-    """Close the MLflow run with the trial's outcome."""
-    metrics = dict(result.metrics or {})
-    status = c.STATUS_FAILED if result.error else (c.STATUS_DIVERGED if metrics.get("diverged") else c.STATUS_COMPLETED)
+    """Close the MLflow run with the trial's outcome; its latest metrics come from the run itself (in
+    Train's local mode inside Tune, ``Result.metrics`` is empty: the reports went to Tune)."""
+    run = runs.client(cfg.tracking_uri).get_run(cfg.run_id)
+    if result.error:
+        status = c.STATUS_FAILED
+    elif run.data.tags.get(c.STATUS) == c.STATUS_DIVERGED:     # set by rank 0 when the loss went non-finite
+        status = c.STATUS_DIVERGED
+    else:
+        status = c.STATUS_COMPLETED
     runs.finish_run(cfg.tracking_uri, cfg.run_id, status)
-    history = runs.client(cfg.tracking_uri).get_run(cfg.run_id).data.metrics
-    metrics.setdefault("flops", history.get(c.FLOPS, 0.0))
     ckpt = result.checkpoint.path if result.checkpoint else None
-    return TrialResult(cfg.run_id, status, metrics, ckpt, wall_s)
+    return TrialResult(cfg.run_id, status, dict(run.data.metrics), ckpt, wall_s)

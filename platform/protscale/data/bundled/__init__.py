@@ -1,6 +1,6 @@
 """Bundled demo and test data: real UniProtKB protein sequences (CC BY 4.0; see README.md here).
 
-``MAIN``: 3,000 records (the first 3,000 of ``uniprot-go2014-part-00``, which start with ``sample-2k``);
+``MAIN``: 6,000 records (the first 6,000 of ``uniprot-go2014-part-00``, which start with ``sample-2k``);
 ``OOD``: 400 records from another shard (``uniprot-go2014-part-07``), the demo's OOD test source.
 """
 
@@ -9,12 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 DIR = Path(__file__).resolve().parent
-MAIN = DIR / "uniprot-sample-3k.fasta.gz"
+MAIN = DIR / "uniprot-sample-6k.fasta.gz"
 OOD = DIR / "uniprot-ood-400.fasta.gz"
 
 
 def bundled_path(name: str) -> Path:
-    """Path of a bundled file by name (``"uniprot-sample-3k.fasta.gz"``) or alias (``"main"``, ``"ood"``)."""
+    """Path of a bundled file by name (``"uniprot-sample-6k.fasta.gz"``) or alias (``"main"``, ``"ood"``)."""
     aliases = {"main": MAIN, "ood": OOD}
     p = aliases.get(name, DIR / name)
     if not p.is_file() or p.parent != DIR:
