@@ -156,3 +156,19 @@ def test_fit_on_degenerate_store_is_a_clear_error(tmp_path, capsys):
     assert rc == 2 and "at least 2 budgets" in err and "Traceback" not in err
     rc = main(["fit", "--experiment", "no-such", "--tracking-uri", str(db), "--out", str(tmp_path / "o"), *FAST])
     assert rc == 2
+
+
+def test_fit_without_bracketed_minima_writes_a_report_and_says_how_to_extend(tmp_path, capsys):
+    # the CPU demo's regime: at every budget the best run is the smallest model, so no frontier
+    runs, curves = synthetic.parametric_runs(budgets=(1e18, 1e19, 1e20), sizes_per_budget=4, span_decades=1.2,
+                                             offset_decades=1.2, noise=0.001, points=6, seed=31)
+    db = tmp_path / "edge.db"
+    _log_store(db, "edge", runs, curves, tmp_path / "art")
+    out = tmp_path / "o"
+    rc = main(["fit", "--experiment", "edge", "--tracking-uri", str(db), "--out", str(out), "--no-log", *FAST])
+    cap = capsys.readouterr()
+    assert rc == 0 and "Traceback" not in cap.err
+    assert "IsoFLOP not fitted" in cap.out and "extend the grid towards smaller models" in cap.out
+    res = json.loads((out / "results.json").read_text())
+    assert validate(res) == [] and res["objectives"]["clm"]["isoflop"]["status"] == "skipped"
+    assert "extend the grid towards smaller models" in (out / "report.md").read_text()

@@ -209,9 +209,10 @@ def test_one_budget_is_a_clear_error():
         analyze(runs, curves, Config(**FAST))
 
 
-def test_two_sizes_per_budget_is_a_clear_error():
-    runs, curves = synthetic.parametric_runs(sizes_per_budget=2, seed=9, points=8)
-    with pytest.raises(UserError, match=r"only 2 model size"):
+def test_nothing_fittable_is_a_clear_error_naming_the_budget_problem():
+    # one budget with 2 sizes: no frontier, no envelope (all runs end at one compute), < 8 parametric points
+    runs, curves = synthetic.parametric_runs(budgets=(1e19,), sizes_per_budget=2, seed=9, points=8)
+    with pytest.raises(UserError, match=r"nothing could be fitted.*only 2 model size"):
         analyze(runs, curves, Config(**FAST))
 
 

@@ -19,12 +19,18 @@ pre-training would earn the full credit; with η ≤ 1 pre-training never beats 
 on the target, and the answer is f = 0. (N, f) minimise the target's parametric law L(N, D_eff) over a
 grid (f from 0 to 0.95); f = 0 is training from scratch. Intervals: the same optimisation for paired
 bootstrap samples (parametric sample i with transfer sample i), per scheme, hull.
+
+A degenerate parametric law (α or β ≤ 0, non-finite parameters: ``parametric.degenerate_reason``) has no
+compute-optimal size; it yields ``{"status": "skipped", "reason": ...}`` instead of numbers, and bootstrap
+samples that are degenerate are left out of the intervals. No closed form here raises or returns a
+complex number.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .parametric import degenerate_reason, optimal_n
 from .stats import hull, percentile_ci
 
 F_GRID = np.linspace(0.0, 0.95, 96)
@@ -42,15 +48,20 @@ def _param_ok(par) -> bool:
     return isinstance(par, dict) and "best" in par
 
 
+def _param_problem(par) -> str | None:
+    """None when the parametric law can allocate compute; else why not."""
+    if not _param_ok(par):
+        return (par.get("reason") if isinstance(par, dict) else None) or "no parametric fit"
+    return degenerate_reason(par["best"])
+
+
 def _transfer_ok(tr) -> bool:
     return isinstance(tr, dict) and "k" in tr
 
 
 def _opt_param(E, A, B, al, be, C):
-    with np.errstate(all="ignore"):
-        G = (al * A / (be * B)) ** (1.0 / (al + be))
-        n = G * (C / 6.0) ** (be / (al + be))
-    return n
+    """N_opt of the parametric law; NaN (never complex) where it has none."""
+    return optimal_n(A, B, al, be, C)
 
 
 def compute_optimal(obj_res: dict, compute: float) -> dict:
@@ -68,7 +79,10 @@ def compute_optimal(obj_res: dict, compute: float) -> dict:
         out["isoflop"] = {"n": n, "d": C / (6 * n), "n_ci95": n_ci,
                           "d_ci95": None if n_ci is None else [C / (6 * n_ci[1]), C / (6 * n_ci[0])]}
     par = obj_res.get("parametric")
-    if _param_ok(par):
+    problem = _param_problem(par) if _param_ok(par) else None
+    if problem:
+        out["parametric"] = {"status": "skipped", "reason": problem}
+    elif _param_ok(par):
         b = par["best"]
         n = float(_opt_param(b["E"], b["A"], b["B"], b["alpha"], b["beta"], C))
         per = {}
@@ -101,7 +115,12 @@ def _split_batch(E, A, B, al, be, logk, a, b, eta, C, n_center):
     iN, iF = np.unravel_index(j, L.shape[1:])
     best_L = flat[np.arange(flat.shape[0]), j]
     L0 = L[:, :, 0].min(1)   # scratch baseline (f = 0) at its own best N
-    return np.exp(lnN)[iN], F_GRID[iF], best_L, L0
+    # parameter sets without a compute-optimal size (α or β ≤ 0, ...) or with no finite loss give NaN
+    valid = (np.isfinite(optimal_n(A[:, 0, 0], B[:, 0, 0], al[:, 0, 0], be[:, 0, 0], C))
+             & np.isfinite(best_L) & np.isfinite(E[:, 0, 0]))
+    nan = np.full(valid.shape, np.nan)
+    return (np.where(valid, np.exp(lnN)[iN], nan), np.where(valid, F_GRID[iF], nan),
+            np.where(valid, best_L, nan), np.where(valid, L0, nan))
 
 
 def transfer_split(results: dict, compute: float, *, target: str = "mlm", source: str = "clm") -> dict:
@@ -118,12 +137,23 @@ def transfer_split(results: dict, compute: float, *, target: str = "mlm", source
     if tr.get("efficiency") is None:
         raise KeyError(f"the transfer fit of {target!r} has no transfer efficiency (the pre-training budget "
                        "init_budget_flops of the transfer runs is unknown)")
+    problem = degenerate_reason(par["best"])
+    if problem:
+        raise KeyError(f"the parametric fit of {target!r} is unusable: {problem}")
     C = float(compute)
+    if not (np.isfinite(C) and C > 0):
+        raise KeyError(f"budget {compute!r} is not a positive number of FLOPs")
     bp = par["best"]
     n0 = _opt_param(bp["E"], bp["A"], bp["B"], bp["alpha"], bp["beta"], C)
+    if not np.isfinite(n0):
+        raise KeyError(f"the parametric fit of {target!r} has no compute-optimal size at C = {C:.3g}")
     bb = tr["b"] if tr.get("b") is not None else 0.0
-    N, f, L, L0 = _split_batch(bp["E"], bp["A"], bp["B"], bp["alpha"], bp["beta"], np.log(tr["k"]), tr["a"], bb,
+    with np.errstate(all="ignore"):
+        logk = np.log(tr["k"]) if tr["k"] is not None and tr["k"] > 0 else np.nan
+    N, f, L, L0 = _split_batch(bp["E"], bp["A"], bp["B"], bp["alpha"], bp["beta"], logk, tr["a"], bb,
                                tr["efficiency"], C, n0)
+    if not np.isfinite(N[0]):
+        raise KeyError(f"no finite transfer split of {source!r} → {target!r} at C = {C:.3g} (degenerate fits)")
     out = {"budget_flops": C, "source": source, "target": target, "n": float(N[0]), "source_fraction": float(f[0]),
            "source_flops": float(f[0] * C), "target_flops": float((1 - f[0]) * C),
            "source_tokens": float(f[0] * C / (6 * N[0])), "target_tokens": float((1 - f[0]) * C / (6 * N[0])),
@@ -154,18 +184,27 @@ def transfer_split(results: dict, compute: float, *, target: str = "mlm", source
 
 
 def _budgets_for(obj_res: dict) -> list[float]:
-    iso = obj_res.get("isoflop")
+    """Decades of C from the smallest budget of the data to 100× the largest (floats: NumPy 2 keeps
+    ``np.floor`` of an int an int, and 10**19 overflows int64)."""
+    iso = obj_res.get("isoflop") or {}
+    env = obj_res.get("envelope") or {}
     if _isoflop_ok(iso):
         b = [x["budget"] for x in iso["budgets"]]
-        lo, hi = np.log10(min(b)), np.log10(max(b)) + 2
+    elif iso.get("empirical_optima"):
+        b = [x["budget"] for x in iso["empirical_optima"]]
+    elif env.get("compute_range"):
+        b = list(env["compute_range"])
     else:
-        lo, hi = 18, 22
-    return [float(10 ** e) for e in np.arange(np.floor(lo), np.ceil(hi) + 1)]
+        b = [1e18, 1e20]
+    b = [float(v) for v in b if v is not None and np.isfinite(v) and v > 0] or [1e18, 1e20]
+    lo, hi = float(np.log10(min(b))), float(np.log10(max(b))) + 2.0
+    return [float(10.0 ** e) for e in np.arange(np.floor(lo), np.ceil(hi) + 1.0, dtype=float)]
 
 
 def single_objective_table(obj_res: dict) -> list[dict]:
     """Compute-optimal N, D at each decade from the smallest fitted budget to 100× the largest."""
-    if not (_isoflop_ok(obj_res.get("isoflop")) or _param_ok(obj_res.get("parametric"))):
+    par = obj_res.get("parametric")
+    if not (_isoflop_ok(obj_res.get("isoflop")) or (_param_ok(par) and _param_problem(par) is None)):
         return []
     return [compute_optimal(obj_res, C) for C in _budgets_for(obj_res)]
 
@@ -176,6 +215,12 @@ def transfer_tables(results: dict) -> list[dict]:
     for target, r in results.get("objectives", {}).items():
         tr = r.get("transfer")
         if not (_transfer_ok(tr) and _param_ok(r.get("parametric"))):
+            continue
+        problem = _param_problem(r.get("parametric"))
+        if problem:
+            for source in tr.get("source_objectives") or ["unknown"]:
+                out.append({"source": source, "target": target, "table": [], "status": "skipped",
+                            "reason": f"the parametric law of {target} is unusable: {problem}"})
             continue
         for source in tr.get("source_objectives") or ["unknown"]:
             rows = []

@@ -15,6 +15,8 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected 5 comma-separated numbers E,A,B,alpha,beta, got {text!r}")
     if len(vals) != 5:
         raise argparse.ArgumentTypeError(f"expected 5 numbers E,A,B,alpha,beta, got {len(vals)}")
+    if min(vals[:3]) <= 0:
+        raise argparse.ArgumentTypeError(f"E, A and B of an initial point must be positive, got {text!r}")
     return vals
 
 
@@ -100,11 +102,21 @@ def _fit(args) -> int:
             print(f"{obj}: IsoFLOP not fitted: {iso.get('reason')}")
         if "best" in par:
             b = par["best"]
-            print(f"{obj}: L = {b['E']:.4g} + {b['A']:.4g}/N^{b['alpha']:.4f} + {b['B']:.4g}/D^{b['beta']:.4f}; "
-                  f"beta/(alpha+beta) = {par['allocation_exponent']:.3f}; {len(par['basins'])} basin(s)")
+            ae = par.get("allocation_exponent")
+            print(f"{obj}: L = {_num(b['E'], '.4g')} + {_num(b['A'], '.4g')}/N^{_num(b['alpha'], '.4f')} + "
+                  f"{_num(b['B'], '.4g')}/D^{_num(b['beta'], '.4f')}; beta/(alpha+beta) = {_num(ae, '.3f')}; "
+                  f"{len(par['basins'])} basin(s)")
+            if par.get("status") == "warning":
+                print(f"{obj}: parametric warning: {par.get('reason')}")
+        elif par.get("reason"):
+            print(f"{obj}: parametric law not fitted: {par['reason']}")
     print(f"wrote {len(res['files'])} file(s) to {out}/ in {res['seconds']:.0f}s"
           + (f"; MLflow analysis run {res['run_id']}" if res["run_id"] else ""))
     return 0
+
+
+def _num(v, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
 
 
 def _plan(args) -> int:

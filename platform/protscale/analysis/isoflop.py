@@ -13,6 +13,11 @@ the vertex lies outside the sampled sizes (the minimum is not bracketed: an extr
 a measurement). Those budgets are reported and left out. The frontier is the least-squares line
 log10 N_opt = n·log10 C + c over budgets; D_opt = C / (6·N_opt), so its exponent is 1 − n.
 
+When no frontier can be fitted, the per-budget *empirical* optimum (the best run observed at each budget,
+``empirical_optima``) still says where the minimum lies relative to the grid, and ``grid_advice`` turns that
+into plain advice (e.g. "extend the grid towards smaller models" when every budget's best run is the
+smallest size sampled).
+
 Uncertainty (percentile bootstrap, 95%): *run-level* — runs resampled with replacement within each
 budget, every parabola and the frontier refitted (a budget whose replicate has < 3 distinct sizes or no
 bracketed vertex drops out of that replicate); *budget-blocked* — whole budgets resampled with their
@@ -31,6 +36,18 @@ from protscale.cli import UserError
 from .stats import block_counts, hull, percentile_ci, stratified_counts, weighted_line
 
 MIN_SIZES = 3
+
+
+class FrontierNotFitted(UserError):
+    """No frontier: fewer than two budgets give a vertex. Carries what was learnt per budget."""
+
+    def __init__(self, msg: str, *, dropped: list | None = None, profiles: list | None = None,
+                 n_budgets: int = 0, n_used: int = 0):
+        super().__init__(msg)
+        self.dropped = dropped or []
+        self.profiles = profiles or []
+        self.n_budgets = n_budgets
+        self.n_used = n_used
 
 
 def _parabola_batched(x: np.ndarray, y: np.ndarray, W: np.ndarray):
@@ -76,9 +93,9 @@ def fit_isoflop(points: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, obje
     Raises UserError when fewer than two budgets give a vertex.
     """
     label = f"objective {objective}: " if objective else ""
-    pts = points[np.isfinite(points["loss"]) & (points["n_params"] > 0)].copy()
+    pts = _finite(points)
     if pts.empty:
-        raise UserError(f"{label}no finite final losses to fit an IsoFLOP profile")
+        raise FrontierNotFitted(f"{label}no finite final losses to fit an IsoFLOP profile")
     budgets = np.sort(pts["budget"].unique())
     per_budget, dropped = [], []
     for b in budgets:
@@ -105,9 +122,10 @@ def fit_isoflop(points: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, obje
     used = [e for e in per_budget if e["used"]]
     if len(used) < 2:
         reasons = "; ".join(f"{d['budget']:.3g}: {d['reason']}" for d in dropped) or "none dropped"
-        raise UserError(
-            f"{label}an IsoFLOP frontier needs at least 2 budgets with a bracketed minimum over >= {MIN_SIZES} "
-            f"model sizes; got {len(used)} of {len(budgets)} budget(s) ({reasons})")
+        raise FrontierNotFitted(
+            f"{label}no IsoFLOP frontier: it needs at least 2 budgets whose loss minimum is bracketed by "
+            f">= {MIN_SIZES} sampled model sizes; {len(used)} of {len(budgets)} budget(s) have one ({reasons})",
+            dropped=dropped, profiles=per_budget, n_budgets=len(budgets), n_used=len(used))
     logC = np.log10([e["budget"] for e in used])
     xv = np.array([e["xv"] for e in used])
     slope, icpt = weighted_line(logC, xv, np.ones((1, xv.size)))
@@ -170,3 +188,84 @@ def frontier_samples(fit: IsoflopFit) -> dict:
 
 def predict_n_opt(slope, intercept, compute):
     return 10 ** (np.asarray(intercept, float) + np.asarray(slope, float) * np.log10(compute))
+
+
+# ------------------------------------------------------------------------------------------------
+# empirical optima and advice on the grid (also when no frontier can be fitted)
+
+
+def _finite(points: pd.DataFrame) -> pd.DataFrame:
+    return points[np.isfinite(points["loss"]) & (points["n_params"] > 0)].copy()
+
+
+def empirical_optima(points: pd.DataFrame) -> list[dict]:
+    """Per budget, the best run observed (lowest final loss) and whether it sits at the edge of the sizes
+    sampled at that budget: ``edge`` = "smallest" / "largest" (the minimum may lie beyond the grid) or None
+    (inside the grid, or a single size)."""
+    pts = _finite(points)
+    out = []
+    for b in np.sort(pts["budget"].unique()) if len(pts) else []:
+        g = pts[pts["budget"] == b]
+        sizes = np.unique(g["n_params"].round(0).to_numpy(float))
+        i = int(np.argmin(g["loss"].to_numpy(float)))
+        n_best = float(g["n_params"].iloc[i])
+        edge = None
+        if sizes.size >= 2:
+            if round(n_best) <= sizes[0]:
+                edge = "smallest"
+            elif round(n_best) >= sizes[-1]:
+                edge = "largest"
+        out.append({"budget": float(b), "n_runs": int(len(g)), "n_sizes": int(sizes.size),
+                    "n_min": float(g["n_params"].min()), "n_max": float(g["n_params"].max()), "n_best": n_best,
+                    "d_best": float(b / (6 * n_best)), "loss_best": float(g["loss"].iloc[i]),
+                    "run_id_best": str(g["run_id"].iloc[i]), "edge": edge})
+    return out
+
+
+def _step(sizes_lo: float, sizes_hi: float, n_sizes: int) -> float:
+    """Typical ratio between neighbouring sizes of a budget's grid (at least 2)."""
+    if n_sizes < 2 or not sizes_hi > sizes_lo > 0:
+        return 3.0
+    return float(max(2.0, (sizes_hi / sizes_lo) ** (1.0 / (n_sizes - 1))))
+
+
+def grid_advice(empirical: list[dict], dropped: list[dict] | None = None) -> dict:
+    """Plain advice on how to extend the sweep so that IsoFLOP minima are bracketed.
+
+    Returns {"direction": "smaller" | "larger" | "both" | None, "messages": [str]}."""
+    dropped = dropped or []
+    small = [e for e in empirical if e["edge"] == "smallest"]
+    large = [e for e in empirical if e["edge"] == "largest"]
+    msgs = []
+
+    def budgets(es):
+        return ", ".join(f"{e['budget']:.3g}" for e in es)
+
+    if small:
+        e0 = min(small, key=lambda e: e["n_min"])
+        r = _step(e0["n_min"], e0["n_max"], e0["n_sizes"])
+        every = "every budget" if len(small) == len(empirical) else f"budget(s) {budgets(small)}"
+        msgs.append(f"At {every} the best run is the smallest model sampled (N = {e0['n_min']:.3g}): the loss "
+                    f"minimum lies at or below the smallest size, so extend the grid towards smaller models "
+                    f"(e.g. N ≈ {e0['n_min'] / r:.3g} and {e0['n_min'] / r ** 2:.3g}), or use larger compute "
+                    "budgets, which move the optimum up into the sizes sampled.")
+    if large:
+        e0 = max(large, key=lambda e: e["n_max"])
+        r = _step(e0["n_min"], e0["n_max"], e0["n_sizes"])
+        every = "every budget" if len(large) == len(empirical) else f"budget(s) {budgets(large)}"
+        msgs.append(f"At {every} the best run is the largest model sampled (N = {e0['n_max']:.3g}): the loss "
+                    f"minimum lies at or above the largest size, so extend the grid towards larger models "
+                    f"(e.g. N ≈ {e0['n_max'] * r:.3g} and {e0['n_max'] * r ** 2:.3g}), or use smaller compute "
+                    "budgets, which move the optimum down into the sizes sampled.")
+    few = [d for d in dropped if d["reason"].startswith("only")]
+    if few:
+        msgs.append(f"Budget(s) {budgets(few)} have fewer than {MIN_SIZES} model "
+                    f"sizes: train at least {MIN_SIZES} sizes (better 5 or more) at each budget.")
+    inner = {e["budget"] for e in empirical if e["edge"] is None and e["n_sizes"] >= MIN_SIZES}
+    flat = [d for d in dropped if d["reason"] == "parabola not convex" and d["budget"] in inner]
+    if flat:
+        msgs.append(f"Budget(s) {budgets(flat)}: the best run is inside the grid "
+                    "but the loss profile is not convex (losses too noisy or too flat over the sizes sampled): "
+                    "add sizes around the best one or repeat runs with other seeds.")
+    direction = "both" if small and large else "smaller" if small else "larger" if large else None
+    return {"direction": direction, "messages": msgs}

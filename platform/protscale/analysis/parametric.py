@@ -98,19 +98,61 @@ def params_to_theta(p) -> np.ndarray:
 
 
 def allocation_exponent(alpha, beta):
-    """N_opt ∝ C^{β/(α+β)} (NaN where α+β ≤ 0)."""
+    """N_opt ∝ C^{β/(α+β)} (NaN where α ≤ 0 or β ≤ 0: the law then has no compute-optimal size)."""
     alpha, beta = np.asarray(alpha, dtype=float), np.asarray(beta, dtype=float)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(alpha + beta > 0, beta / (alpha + beta), np.nan)
+        return np.where((alpha > 0) & (beta > 0), beta / (alpha + beta), np.nan)
+
+
+def optimal_n(A, B, alpha, beta, compute):
+    """N_opt = G·(C/6)^{β/(α+β)}, G = (αA/(βB))^{1/(α+β)} (Hoffmann et al. eq. 4), elementwise.
+
+    Always real: NaN wherever the law has no compute-optimal size (α or β ≤ 0, A or B ≤ 0, C ≤ 0, or a
+    non-finite input or result) -- never a complex number or an exception."""
+    A, B, al, be, c = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (A, B, alpha, beta, compute)))
+    ok = (np.isfinite(A) & np.isfinite(B) & np.isfinite(al) & np.isfinite(be) & np.isfinite(c)
+          & (A > 0) & (B > 0) & (al > 0) & (be > 0) & (c > 0))
+    with np.errstate(all="ignore"):
+        s = al + be
+        log_n = (np.log(np.where(ok, al * A, 1.0)) - np.log(np.where(ok, be * B, 1.0))) / np.where(ok, s, 1.0) \
+            + be / np.where(ok, s, 1.0) * np.log(np.where(ok, c, 6.0) / 6.0)
+        n = np.exp(log_n)
+    n = np.where(ok & np.isfinite(n) & (n > 0), n, np.nan)
+    return n if n.ndim else float(n)
 
 
 def optimal_allocation(params: dict, compute):
-    """Compute-optimal (N, D) of the fitted law under C = 6·N·D (Hoffmann et al. eq. 4)."""
-    A, B, al, be = params["A"], params["B"], params["alpha"], params["beta"]
-    c = np.asarray(compute, dtype=float)
-    G = (al * A / (be * B)) ** (1.0 / (al + be))
-    n = G * (c / 6.0) ** (be / (al + be))
-    return n, c / (6.0 * n)
+    """Compute-optimal (N, D) of the fitted law under C = 6·N·D (Hoffmann et al. eq. 4); NaN where the law
+    has none (see :func:`degenerate_reason`)."""
+    n = optimal_n(params["A"], params["B"], params["alpha"], params["beta"], compute)
+    with np.errstate(all="ignore"):
+        return n, np.asarray(compute, dtype=float) / (6.0 * n)
+
+
+def degenerate_reason(params: dict) -> str | None:
+    """Why the fitted law has no usable compute-optimal allocation, or None when it has one.
+
+    Degenerate: a non-finite parameter, α ≤ 0 (the loss does not fall with model size), β ≤ 0 (it does not
+    fall with tokens), A or B ≤ 0, or a closed-form optimum that is not a finite real number."""
+    vals = {k: params.get(k) for k in PARAM_NAMES}
+    bad = [k for k, v in vals.items() if v is None or not np.isfinite(float(v))]
+    if bad:
+        return (f"degenerate parametric solution: non-finite parameter(s) {', '.join(bad)} (the fit did not "
+                "converge to a usable law): no allocation is derived from it")
+    al, be = float(vals["alpha"]), float(vals["beta"])
+    why = []
+    if al <= 0:
+        why.append(f"α = {al:.3g} ≤ 0 (in the fitted law the loss does not fall as the model grows)")
+    if be <= 0:
+        why.append(f"β = {be:.3g} ≤ 0 (in the fitted law the loss does not fall with more tokens)")
+    if float(vals["A"]) <= 0 or float(vals["B"]) <= 0:
+        why.append("A or B ≤ 0")
+    if not why and not np.isfinite(optimal_n(vals["A"], vals["B"], al, be, 1e20)):
+        why.append("the closed-form optimum N_opt = (αA/(βB))^{1/(α+β)}·(C/6)^{β/(α+β)} is not a finite number")
+    if not why:
+        return None
+    return ("degenerate parametric solution: " + "; ".join(why)
+            + ": the law has no compute-optimal model size, so no allocation is derived from it")
 
 
 # ------------------------------------------------------------------------------------------------

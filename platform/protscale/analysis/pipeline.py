@@ -1,6 +1,11 @@
 """The whole analysis of a set of runs: checks, then per objective the envelope, IsoFLOP, parametric and
 transfer fits with bootstrap intervals, then the allocation tables. Returns the ``results.json`` dict
 (see ``SCHEMA.md``) and the in-memory pieces the plots need.
+
+Every part that can be fitted is fitted and reported; a part that cannot is ``{"status": "skipped",
+"reason": ...}`` with the reason in words a user can act on (e.g. when no IsoFLOP minimum is bracketed:
+the best run per budget and which way to extend the grid). Only when nothing at all can be fitted does
+``analyze`` raise a UserError.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import pandas as pd
 from protscale.cli import UserError
 
 from . import allocation, envelope, isoflop, parametric, transfer
+from .checks import CheckReport
 from .checks import final_points, run_checks
 from .results import SCHEMA_VERSION, clean_json
 from .stats import single_thread_blas
@@ -74,7 +80,7 @@ def _analyze(runs: pd.DataFrame, curves: pd.DataFrame, cfg: Config, *,
     out = {"schema_version": SCHEMA_VERSION, "experiments": experiments or [], "tracking_uri": tracking_uri,
            "config": cfg.to_json(), "checks": None, "objectives": {}}
     plot_data: dict = {}
-    fitted_any = []
+    notes: list[str] = []
     skipped_reasons = []
     for obj in objectives:
         _log(cfg, f"[{obj}] fitting")
@@ -107,27 +113,39 @@ def _analyze(runs: pd.DataFrame, curves: pd.DataFrame, cfg: Config, *,
                                    "the computes where curves end (merged within 5%)"})
         pd_obj["final_points"] = fp
         # IsoFLOP
+        pts = (fp.rename(columns={"final_loss": "loss"})[["run_id", "n_params", "loss", "budget"]] if len(fp)
+               else pd.DataFrame(columns=["run_id", "n_params", "loss", "budget"]))
+        emp = isoflop.empirical_optima(pts) if len(pts) else []
         try:
             if len(fp) == 0:
                 raise UserError(f"objective {obj}: no scratch run with a final point")
-            pts = fp.rename(columns={"final_loss": "loss"})[["run_id", "n_params", "loss", "budget"]]
             iso = isoflop.fit_isoflop(pts, n_boot=cfg.n_boot, seed=cfg.seed, objective=obj)
             r = iso.result
             smp = isoflop.frontier_samples(iso)
             r["bootstrap_samples"] = {k: _samples(v) for k, v in smp.items()}
             r["bootstrap_samples_columns"] = ["n_exponent", "log10_n_coefficient"]
+            r["empirical_optima"] = emp
+            r["grid_advice"] = adv = isoflop.grid_advice(emp, r["dropped_budgets"])
             res["isoflop"] = r
             pd_obj["isoflop"] = iso
-            fitted_any.append(obj)
-            for d in r["dropped_budgets"]:
-                rep.issues.append({"check": "isoflop_budget", "severity": "warning", "run_ids": [],
-                                   "message": f"[{obj}] budget {d['budget']:.3g} left out of the frontier: "
-                                   f"{d['reason']} ({d['n_runs']} run(s))"})
+            _dropped_issues(rep, obj, r["dropped_budgets"])
+            if adv["messages"]:
+                rep.add("isoflop_grid", "warning", [], f"[{obj}] " + " ".join(adv["messages"]))
             _log(cfg, f"[{obj}] IsoFLOP: N_opt ∝ C^{r['n_exponent']:.3f} 95% {_fmt_ci(r['n_exponent_ci95'])}")
         except UserError as exc:
-            res["isoflop"] = {"status": "skipped", "reason": str(exc)}
-            skipped_reasons.append(str(exc))
-            _log(cfg, f"[{obj}] IsoFLOP skipped: {exc}")
+            dropped = list(getattr(exc, "dropped", []))
+            adv = isoflop.grid_advice(emp, dropped)
+            reason = str(exc)
+            if adv["messages"]:
+                reason = f"{reason}. " + " ".join(adv["messages"])
+            res["isoflop"] = {"status": "skipped", "reason": reason, "dropped_budgets": dropped,
+                              "empirical_optima": emp, "grid_advice": adv}
+            if getattr(exc, "profiles", None):
+                pd_obj["isoflop_profiles"] = exc.profiles
+            _dropped_issues(rep, obj, dropped)
+            skipped_reasons.append(reason)
+            notes.append(f"{obj.upper()}: no IsoFLOP frontier. " + (" ".join(adv["messages"]) or str(exc)))
+            _log(cfg, f"[{obj}] IsoFLOP skipped: {reason}")
         # envelope
         try:
             blocks = dict(zip(fp["run_id"], fp["budget"])) if len(fp) else {}
@@ -136,18 +154,21 @@ def _analyze(runs: pd.DataFrame, curves: pd.DataFrame, cfg: Config, *,
         except UserError as exc:
             res["envelope"] = {"status": "skipped", "reason": str(exc)}
         # parametric
-        res["parametric"] = _parametric(obj, fp, pd_obj.get("final_points_all", fp), res.get("isoflop", {}), cfg,
-                                        pd_obj)
+        res["parametric"] = _parametric(obj, fp, pd_obj.get("final_points_all", fp), cfg, pd_obj, rep)
+        par = res["parametric"]
+        if par.get("status") == "warning":
+            notes.append(f"{obj.upper()} parametric law: {par['reason']}")
         # transfer (this objective as the target)
         res["transfer"] = _transfer(obj, clean_runs, clean_curves, fp, cfg, pd_obj)
         # compute-optimal allocation table
         res["allocation"] = allocation.single_objective_table(res)
         out["objectives"][obj] = res
         plot_data[obj] = pd_obj
-    if not fitted_any:
+    if not any(_fitted(r) for r in out["objectives"].values()):
         raise UserError("nothing could be fitted: " + " | ".join(skipped_reasons) + f" (data checks: {rep.summary()})")
     out["allocation"] = allocation.transfer_tables(out)
     out["checks"] = rep.to_json()
+    out["notes"] = notes
     return Analysis(results=clean_json(out), plot_data=plot_data)
 
 
@@ -155,33 +176,97 @@ def _fmt_ci(ci) -> str:
     return "n/a" if not ci else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def _parametric(obj: str, fp: pd.DataFrame, fp_all: pd.DataFrame, iso: dict, cfg: Config, pd_obj: dict) -> dict:
+def _fitted(r: dict) -> bool:
+    """Whether any law was fitted for this objective."""
+    return ("n_exponent" in (r.get("isoflop") or {}) or "b" in (r.get("envelope") or {})
+            or "best" in (r.get("parametric") or {}) or "k" in (r.get("transfer") or {}))
+
+
+def _dropped_issues(rep: CheckReport, obj: str, dropped: list[dict]) -> None:
+    for d in dropped:
+        rep.issues.append({"check": "isoflop_budget", "severity": "warning", "run_ids": [],
+                           "message": f"[{obj}] budget {d['budget']:.3g} left out of the frontier: "
+                           f"{d['reason']} ({d['n_runs']} run(s))"})
+
+
+MIN_PARAMETRIC_POINTS = 8
+
+
+def _enough(pts: pd.DataFrame) -> bool:
+    return len(pts) >= MIN_PARAMETRIC_POINTS and pts["n_params"].round(0).nunique() >= 3
+
+
+def _parametric(obj: str, fp: pd.DataFrame, fp_all: pd.DataFrame, cfg: Config, pd_obj: dict,
+                rep: CheckReport | None = None) -> dict:
+    rep = rep if rep is not None else CheckReport()
     if len(fp_all) == 0:
-        return {"status": "skipped", "reason": "no final points"}
+        return {"status": "skipped", "reason": f"objective {obj}: no clean scratch run reached its budget"}
+    warnings: list[str] = []
     if cfg.parametric_points == "isoflop":
-        grid_budgets = [b["budget"] for b in iso.get("budgets", [])] if "budgets" in iso else []
-        pts = fp[fp["budget"].isin(grid_budgets)]
-        how = "final points of the runs in IsoFLOP budgets with >= 3 sizes"
+        if len(fp):
+            n_sizes = fp.groupby("budget")["n_params"].agg(lambda s: s.round(0).nunique())
+            grid_budgets = list(n_sizes.index[n_sizes >= isoflop.MIN_SIZES])
+        else:
+            grid_budgets = []
+        pts = fp[fp["budget"].isin(grid_budgets)] if len(fp) else fp
+        how = f"final points of the runs in IsoFLOP budgets with >= {isoflop.MIN_SIZES} sizes"
+        if not _enough(pts) and _enough(fp_all):
+            msg = (f"the IsoFLOP-budget selection (budgets with >= {isoflop.MIN_SIZES} sizes) has {len(pts)} "
+                   f"point(s), too few for the parametric law (>= {MIN_PARAMETRIC_POINTS} points over >= 3 sizes): "
+                   f"fitted on all {len(fp_all)} clean scratch runs instead")
+            warnings.append(msg)
+            rep.add("parametric_points", "warning", [], f"[{obj}] {msg}")
+            pts = fp_all
+            how = "final points of every clean scratch run (fallback: too few runs in IsoFLOP budgets)"
     else:
         pts = fp_all
         how = "final points of every clean scratch run"
-    if len(pts) < 8 or pts["n_params"].round(0).nunique() < 3:
+    if not _enough(pts):
         return {"status": "skipped",
-                "reason": f"objective {obj}: the parametric fit needs >= 8 points over >= 3 sizes ({how}); "
-                          f"got {len(pts)} point(s)"}
+                "reason": f"objective {obj}: the parametric fit needs >= {MIN_PARAMETRIC_POINTS} points over >= 3 "
+                          f"sizes ({how}); got {len(pts)} point(s) over "
+                          f"{pts['n_params'].round(0).nunique() if len(pts) else 0} size(s)"}
     _log(cfg, f"[{obj}] parametric: L-BFGS from the initialisation grid ({len(pts)} points)")
     n, d, L = (pts[k].to_numpy(float) for k in ("n_params", "final_tokens", "final_loss"))
-    fit = parametric.fit_parametric(n, d, L, grid=cfg.parametric_grid, init=cfg.parametric_init,
-                                    basin_rel_tol=cfg.basin_rel_tol)
-    boot = parametric.bootstrap_parametric(n, d, L, pts["budget"].to_numpy(), fit, n_boot=cfg.n_boot_parametric,
-                                           seed=cfg.seed, progress=cfg.progress)
+    try:
+        fit = parametric.fit_parametric(n, d, L, grid=cfg.parametric_grid, init=cfg.parametric_init,
+                                        basin_rel_tol=cfg.basin_rel_tol)
+        boot = parametric.bootstrap_parametric(n, d, L, pts["budget"].to_numpy(), fit, n_boot=cfg.n_boot_parametric,
+                                               seed=cfg.seed, progress=cfg.progress)
+    except (FloatingPointError, np.linalg.LinAlgError, ValueError) as exc:
+        return {"status": "skipped", "reason": f"objective {obj}: the parametric fit failed numerically: {exc}"}
     ci = parametric.summarize_bootstrap(boot)
     best = fit.best
-    resid = np.log(parametric.predict_loss(best, n, d)) - np.log(L)
+    with np.errstate(all="ignore"):
+        resid = np.log(parametric.predict_loss(best, n, d)) - np.log(L)
+    degenerate = parametric.degenerate_reason(best)
+    if degenerate:
+        rep.add("parametric_degenerate", "warning", [], f"[{obj}] {degenerate}")
+        _log(cfg, f"[{obj}] parametric: {degenerate}")
+    else:
+        budgets = np.unique(pts["budget"].to_numpy(float))
+        n_opt = parametric.optimal_n(best["A"], best["B"], best["alpha"], best["beta"], budgets)
+        lo, hi = float(np.min(n)), float(np.max(n))
+        if np.any(n_opt < lo / 10) or np.any(n_opt > hi * 10):
+            span = (f"{np.min(n_opt):.3g}" if np.max(n_opt) <= np.min(n_opt) * 1.01
+                    else f"{np.min(n_opt):.3g} to {np.max(n_opt):.3g}")
+            msg = (f"at the budgets fitted the law puts the compute-optimal size at N_opt = {span}, more than 10× "
+                   f"outside the sizes fitted ({lo:.3g} to {hi:.3g}): its allocation is an extrapolation the data "
+                   "do not support")
+            warnings.append(msg)
+            rep.add("parametric_extrapolation", "warning", [], f"[{obj}] {msg}")
+    n_bad = {k: float(np.mean(~np.isfinite(parametric.optimal_n(v["A"], v["B"], v["alpha"], v["beta"], 1e20))))
+             for k, v in boot.items()}
+    problems = ([degenerate] if degenerate else []) + warnings
     r = {
+        "status": "warning" if problems else "ok",
+        **({"reason": "; ".join(problems)} if problems else {}),
+        "degenerate": bool(degenerate),
+        "warnings": warnings,
         "points": how, "n_points": fit.n_points, "n_starts": fit.n_starts, "huber_delta": parametric.HUBER_DELTA,
         "best": best, "objective_value": fit.objective,
-        "allocation_exponent": float(parametric.allocation_exponent(best["alpha"], best["beta"])),
+        "allocation_exponent": (float("nan") if degenerate
+                                else float(parametric.allocation_exponent(best["alpha"], best["beta"]))),
         "allocation_exponent_ci95": ci["allocation_exponent"]["ci95"],
         "allocation_exponent_ci95_run": ci["allocation_exponent"]["run"],
         "allocation_exponent_ci95_budget": ci["allocation_exponent"]["budget"],
@@ -189,7 +274,8 @@ def _parametric(obj: str, fp: pd.DataFrame, fp_all: pd.DataFrame, iso: dict, cfg
         "basins": fit.basins, "basin_rel_tol": cfg.basin_rel_tol,
         "from_init": fit.from_init,
         "rmse_log": float(np.sqrt(np.mean(resid ** 2))),
-        "bootstrap": {"n_boot": cfg.n_boot_parametric, "seed": cfg.seed},
+        "bootstrap": {"n_boot": cfg.n_boot_parametric, "seed": cfg.seed,
+                      "degenerate_fraction_run": n_bad.get("run"), "degenerate_fraction_budget": n_bad.get("budget")},
         "bootstrap_samples": {k: _samples(np.column_stack([v[p] for p in parametric.PARAM_NAMES]))
                               for k, v in boot.items()},
         "bootstrap_samples_columns": list(parametric.PARAM_NAMES),

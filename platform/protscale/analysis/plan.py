@@ -33,8 +33,8 @@ def plan(results: dict, budget_flops: float, objective: str) -> dict:
                         f"(it has: {', '.join(objs) or 'none'})")
     r = objs[objective]
     co = allocation.compute_optimal(r, budget_flops)
-    if "isoflop" not in co and "parametric" not in co:
-        reasons = "; ".join(str((r.get(k) or {}).get("reason")) for k in ("isoflop", "parametric"))
+    if not any("n" in (co.get(k) or {}) for k in ("isoflop", "parametric")):
+        reasons = "; ".join(str((co.get(k) or r.get(k) or {}).get("reason")) for k in ("isoflop", "parametric"))
         raise UserError(f"objective {objective!r} has neither an IsoFLOP frontier nor a parametric law ({reasons})")
     return {"objective": objective, "budget_flops": budget_flops, **co}
 
@@ -48,7 +48,9 @@ def format_plan(p: dict) -> str:
             return
         for method in ("isoflop", "parametric"):
             m = a.get(method)
-            if m:
+            if m and m.get("status") == "skipped":
+                lines.append(f"  {tag}{method:10s} n/a: {m.get('reason')}")
+            elif m:
                 lines.append(f"  {tag}{method:10s} N = {m['n']:.4g} {_ci(m['n_ci95'])}   "
                              f"D = {m['d']:.4g} tokens {_ci(m['d_ci95'])}")
 

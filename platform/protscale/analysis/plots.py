@@ -4,6 +4,7 @@ envelope L(C) and, when transfer runs exist, the transfer curves and the D_t law
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -49,7 +50,10 @@ def plot_isoflop(obj: str, iso_res: dict, iso_fit, path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("non-embedding parameters N")
     ax.set_ylabel("final loss")
-    ax.set_title(f"{obj.upper()} IsoFLOP profiles (★ = fitted minimum; dotted = budget not used)")
+    if "n_exponent" in (iso_res or {}):
+        ax.set_title(f"{obj.upper()} IsoFLOP profiles (★ = fitted minimum; dotted = budget not used)")
+    else:
+        ax.set_title(f"{obj.upper()} IsoFLOP profiles: no frontier (too few bracketed minima)", fontsize=10)
     ax.legend(title="budget (FLOPs)", fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -179,8 +183,12 @@ def make_plots(results: dict, plot_data: dict, out: Path) -> list[Path]:
         if "n_exponent" in iso and "isoflop" in pdo:
             paths.append(plot_isoflop(obj, iso, pdo["isoflop"], out / f"isoflop_{obj}.png"))
             paths.append(plot_frontier(obj, iso, out / f"frontier_{obj}.png"))
+        elif pdo.get("isoflop_profiles"):
+            # no frontier, but the per-budget profiles show where the minimum lies relative to the grid
+            paths.append(plot_isoflop(obj, iso, SimpleNamespace(profiles=pdo["isoflop_profiles"]),
+                                      out / f"isoflop_{obj}.png"))
         env = r.get("envelope") or {}
-        if "b" in env:
+        if env.get("b") is not None and env.get("a") is not None:
             paths.append(plot_envelope(obj, env, pdo.get("curves"), iso, out / f"loss_vs_compute_{obj}.png"))
         tr = r.get("transfer")
         if tr and "transfer" in pdo and tr.get("pairs"):

@@ -11,6 +11,11 @@ def _g(v, fmt="{:.4g}") -> str:
     return "n/a" if v is None else fmt.format(v)
 
 
+def _f(v, spec: str) -> str:
+    """``format(v, spec)``, or "n/a" for a value that could not be computed (None in results.json)."""
+    return "n/a" if v is None else format(v, spec)
+
+
 def _ci(iv, fmt="{:.3f}") -> str:
     return "n/a" if not iv else f"[{fmt.format(iv[0])}, {fmt.format(iv[1])}]"
 
@@ -31,6 +36,10 @@ def build_markdown(results: dict, plots: list[Path]) -> str:
              "percentile intervals; the one reported is the hull of the run-level and the budget-blocked "
              "bootstrap.")
     L.append("")
+    if results.get("notes"):
+        L += ["## Summary", ""]
+        L += [f"- {n}" for n in results["notes"]]
+        L.append("")
     ck = results.get("checks") or {}
     L += ["## Data checks", "",
           f"{ck.get('n_runs_in', 0)} trial run(s) read, {ck.get('n_runs_clean', 0)} passed the checks."]
@@ -67,12 +76,19 @@ def build_markdown(results: dict, plots: list[Path]) -> str:
             for d in iso.get("dropped_budgets", []):
                 L.append(f"- budget {d['budget']:.3g} left out: {d['reason']}")
             L.append("")
+            L += _grid_advice(iso)
         else:
-            L += [f"Not fitted: {iso.get('reason')}", ""]
+            L += [f"**Not fitted.** {iso.get('reason')}", ""]
+            L += _empirical_table(iso)
+            for d in iso.get("dropped_budgets", []):
+                L.append(f"- budget {d['budget']:.3g}: {d['reason']}")
+            if iso.get("dropped_budgets"):
+                L.append("")
+            L += _grid_advice(iso)
         env = r.get("envelope") or {}
         L += ["### Envelope L(C)", ""]
         if "b" in env:
-            L += [f"L(C) = {env['a']:.4g}·C^{env['b']:.5f}, exponent 95% {_ci(env['b_ci95'], '{:.5f}')} "
+            L += [f"L(C) = {_f(env['a'], '.4g')}·C^{_f(env['b'], '.5f')}, exponent 95% {_ci(env['b_ci95'], '{:.5f}')} "
                   f"over C in [{env['compute_range'][0]:.3g}, {env['compute_range'][1]:.3g}] ({env['n_runs']} runs).", ""]
         else:
             L += [f"Not fitted: {env.get('reason')}", ""]
@@ -80,20 +96,26 @@ def build_markdown(results: dict, plots: list[Path]) -> str:
         L += ["### Parametric law L(N, D) = E + A/N^α + B/D^β", ""]
         if "best" in par:
             b = par["best"]
+            if par.get("status") == "warning":
+                L += [f"**Warning**: {par.get('reason')}.", ""]
             L.append(f"Points: {par['points']} ({par['n_points']}); Huber δ = {par['huber_delta']} summed over "
                      f"log-sum-exp residuals; L-BFGS from {par['n_starts']} grid starts.")
             L.append("")
-            L.append(f"**Global optimum**: E = {b['E']:.4f}, A = {b['A']:.5g}, B = {b['B']:.6g}, "
-                     f"α = {b['alpha']:.4f} {_ci(par.get('alpha_ci95'))}, β = {b['beta']:.4f} "
-                     f"{_ci(par.get('beta_ci95'))}; objective {par['objective_value']:.6g}; "
-                     f"rmse(log L) {par['rmse_log']:.4f}.")
-            L.append(f"**Allocation exponent** β/(α+β) = {par['allocation_exponent']:.3f}, 95% "
-                     f"{_ci(par['allocation_exponent_ci95'])} (N_opt ∝ C^{{β/(α+β)}}).")
+            L.append(f"**Global optimum**: E = {_f(b['E'], '.4f')}, A = {_f(b['A'], '.5g')}, B = {_f(b['B'], '.6g')}, "
+                     f"α = {_f(b['alpha'], '.4f')} {_ci(par.get('alpha_ci95'))}, β = {_f(b['beta'], '.4f')} "
+                     f"{_ci(par.get('beta_ci95'))}; objective {_f(par['objective_value'], '.6g')}; "
+                     f"rmse(log L) {_f(par['rmse_log'], '.4f')}.")
+            if par.get("allocation_exponent") is not None:
+                L.append(f"**Allocation exponent** β/(α+β) = {par['allocation_exponent']:.3f}, 95% "
+                         f"{_ci(par['allocation_exponent_ci95'])} (N_opt ∝ C^{{β/(α+β)}}).")
+            else:
+                L.append("**Allocation exponent** β/(α+β): n/a (the law has no compute-optimal size).")
             L.append("")
             L.append(f"Basins with an objective within {100 * par['basin_rel_tol']:.0f}% of the optimum:")
             L.append("")
-            rows = [[k + 1, f"{x['E']:.4f}", f"{x['A']:.5g}", f"{x['B']:.6g}", f"{x['alpha']:.4f}", f"{x['beta']:.4f}",
-                     f"{x['allocation_exponent']:.3f}", f"{x['objective']:.6g}", x["n_starts"]]
+            rows = [[k + 1, _f(x['E'], '.4f'), _f(x['A'], '.5g'), _f(x['B'], '.6g'), _f(x['alpha'], '.4f'),
+                     _f(x['beta'], '.4f'), _f(x.get('allocation_exponent'), '.3f'), _f(x['objective'], '.6g'),
+                     x["n_starts"]]
                     for k, x in enumerate(par["basins"])]
             L += _table(["#", "E", "A", "B", "α", "β", "β/(α+β)", "objective", "grid starts"], rows)
             fi = par.get("from_init")
@@ -103,12 +125,15 @@ def build_markdown(results: dict, plots: list[Path]) -> str:
                          f"{i['B']:.4g}, {i['alpha']:.3g}, {i['beta']:.3g}]:")
                 L.append("")
                 L += _table(["run", "E", "A", "B", "α", "β", "β/(α+β)", "objective", "note"], [
-                    ["SciPy L-BFGS-B, default tolerances", f"{s['E']:.4f}", f"{s['A']:.5g}", f"{s['B']:.6g}",
-                     f"{s['alpha']:.4f}", f"{s['beta']:.4f}", f"{s['allocation_exponent']:.3f}", f"{s['objective']:.6g}",
-                     f"stopped after {s['iterations']} iterations, max |gradient| {s['max_abs_gradient']:.2g}"],
-                    ["same start, to convergence", f"{c['E']:.4f}", f"{c['A']:.5g}", f"{c['B']:.6g}", f"{c['alpha']:.4f}",
-                     f"{c['beta']:.4f}", f"{c['allocation_exponent']:.3f}", f"{c['objective']:.6g}", ""]])
-                if s["objective"] > par["objective_value"] * (1 + par["basin_rel_tol"]):
+                    ["SciPy L-BFGS-B, default tolerances", _f(s['E'], '.4f'), _f(s['A'], '.5g'), _f(s['B'], '.6g'),
+                     _f(s['alpha'], '.4f'), _f(s['beta'], '.4f'), _f(s.get('allocation_exponent'), '.3f'),
+                     _f(s['objective'], '.6g'),
+                     f"stopped after {s['iterations']} iterations, max |gradient| {_f(s['max_abs_gradient'], '.2g')}"],
+                    ["same start, to convergence", _f(c['E'], '.4f'), _f(c['A'], '.5g'), _f(c['B'], '.6g'),
+                     _f(c['alpha'], '.4f'), _f(c['beta'], '.4f'), _f(c.get('allocation_exponent'), '.3f'),
+                     _f(c['objective'], '.6g'), ""]])
+                if (s["objective"] is not None and par["objective_value"]
+                        and s["objective"] > par["objective_value"] * (1 + par["basin_rel_tol"])):
                     L.append(f"The default-tolerance run from this point stops where the objective is "
                              f"{100 * (s['objective'] / par['objective_value'] - 1):.0f}% above the global optimum: "
                              "a point on a flat slope, not a minimum.")
@@ -120,9 +145,10 @@ def build_markdown(results: dict, plots: list[Path]) -> str:
             L += ["### Transfer", ""]
             if "k" in tr:
                 L.append(f"Effectively transferred tokens (source: {', '.join(tr['source_objectives']) or '?'}): "
-                         f"**D_t = {tr['k']:.4g}·D_F^{tr['a']:.3f}·N^{(tr['b'] if tr['b'] is not None else 0):.3f}**; "
+                         f"**D_t = {_f(tr['k'], '.4g')}·D_F^{_f(tr['a'], '.3f')}·"
+                         f"N^{_f(tr['b'] if tr['b'] is not None else 0, '.3f')}**; "
                          f"a 95% {_ci(tr['a_ci95'])}, b 95% {_ci(tr['b_ci95'])}; {tr['n_points']} points from "
-                         f"{tr['n_runs']} runs; rmse(log D_t) {tr['rmse_log']:.3f}.")
+                         f"{tr['n_runs']} runs; rmse(log D_t) {_f(tr['rmse_log'], '.3f')}.")
                 if tr.get("efficiency") is not None:
                     L.append(f"Transfer efficiency η (target tokens earned per pre-training token, at each run's last "
                              f"point where D_t is defined; median over runs) = {tr['efficiency']:.3f} "
@@ -149,7 +175,17 @@ def build_markdown(results: dict, plots: list[Path]) -> str:
                              _g(i.get("d"), "{:.3g}"), _g(p.get("n"), "{:.3g}"), _ci(p.get("n_ci95"), "{:.3g}"),
                              _g(p.get("d"), "{:.3g}")])
             L += _table(["C", "N (IsoFLOP)", "95%", "D (IsoFLOP)", "N (parametric)", "95%", "D (parametric)"], rows)
+            why = next((a["parametric"]["reason"] for a in al
+                        if (a.get("parametric") or {}).get("status") == "skipped"), None)
+            if why:
+                L += [f"Parametric columns n/a: {why}.", ""]
+            elif par.get("status") == "warning" and any("n" in (a.get("parametric") or {}) for a in al):
+                L += [f"Parametric columns: mind the warning on the parametric law above ({par.get('reason')}).", ""]
     for t in results.get("allocation") or []:
+        if t.get("status") == "skipped":
+            L += [f"## Allocation: {t['source'].upper()} pre-training → {t['target'].upper()}", "",
+                  f"Not computed: {t.get('reason')}.", ""]
+            continue
         L += [f"## Allocation: {t['source'].upper()} pre-training → {t['target'].upper()}", "",
               "Model of the split (`protscale.analysis.allocation`): the target run counts as a scratch run on "
               "D_eff = D_F + min(k·D_F^a·N^b, η·D_source) tokens, η = transfer efficiency measured on the transfer "
@@ -166,6 +202,27 @@ def build_markdown(results: dict, plots: list[Path]) -> str:
         for p in plots:
             L += [f"![{Path(p).stem}]({Path(p).name})", ""]
     return "\n".join(L) + "\n"
+
+
+def _empirical_table(iso: dict) -> list[str]:
+    emp = iso.get("empirical_optima") or []
+    if not emp:
+        return []
+    edge = {"smallest": "smallest size sampled: extend the grid towards smaller models",
+            "largest": "largest size sampled: extend the grid towards larger models", None: "inside the grid"}
+    rows = [[f"{e['budget']:.3g}", e["n_runs"], e["n_sizes"], f"{e['n_min']:.3g} to {e['n_max']:.3g}",
+             f"{e['n_best']:.3g}", f"{e['d_best']:.3g}", f"{e['loss_best']:.4f}",
+             edge.get(e["edge"], e["edge"]) if e["n_sizes"] >= 2 else "one size only"]
+            for e in emp]
+    return (["Best run observed per budget (empirical optimum; not a fitted minimum):", ""]
+            + _table(["budget C", "runs", "sizes", "N sampled", "best N", "its D", "its loss", "best run is at"], rows))
+
+
+def _grid_advice(iso: dict) -> list[str]:
+    msgs = (iso.get("grid_advice") or {}).get("messages") or []
+    if not msgs:
+        return []
+    return ["**How to extend the sweep:**", ""] + [f"- {m}" for m in msgs] + [""]
 
 
 def _inline(s: str) -> str:

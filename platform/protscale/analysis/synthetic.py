@@ -33,15 +33,17 @@ def _curve(n, d_final, loss_fn, points: int, rng, noise: float):
 
 def parametric_runs(law: dict = LAW, budgets=(1e18, 3e18, 1e19, 3e19, 1e20), sizes_per_budget: int = 7,
                     span_decades: float = 1.2, noise: float = 0.005, points: int = 20, seed: int = 0,
-                    objective: str = "clm", prefix: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
+                    objective: str = "clm", prefix: str = "", offset_decades: float = 0.0,
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """IsoFLOP-style runs whose loss at (N, tokens) follows ``law`` (multiplicative log-normal noise).
 
-    Sizes are log-spaced over ``span_decades`` centred on the law's N_opt at each budget; each run's
+    Sizes are log-spaced over ``span_decades`` centred on the law's N_opt at each budget, shifted by
+    ``offset_decades`` (> 0: a grid of too-large models, whose best run is the smallest one); each run's
     curve follows the law along its tokens and ends at D = C/(6N)."""
     rng = np.random.default_rng(seed)
     runs, curves = [], []
     for C in budgets:
-        n0 = law_n_opt(law, C)
+        n0 = law_n_opt(law, C) * 10 ** offset_decades
         for n in n0 * np.logspace(-span_decades / 2, span_decades / 2, sizes_per_budget):
             rid = f"{prefix}{objective}-{C:.0e}-{n:.3g}"
             d = C / (6 * n)

@@ -25,7 +25,7 @@ def add_commands(sub) -> None:
     p.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage")
     p.add_argument("--batch-tokens", type=int, default=0, help="tokens per step (0: paper rule by size)")
     p.add_argument("--lr-max", type=float, default=0.0, help="peak LR (0: paper rule by size)")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between evals/checkpoints (0: ~10 per trial)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evals/checkpoints (0: ~5 per trial)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", default="", metavar="RUN_ID",
                    help="MLflow run id of a completed CLM trial: start this (MLM) trial from its weights")

@@ -22,7 +22,7 @@ class TrialConfig:
     seed: int = 0
     batch_tokens: int = 0               # tokens per optimizer step; 0 = the paper's rule by size
     lr_max: float = 0.0                 # 0 = the paper's rule by size
-    eval_every: int = 0                 # steps between evaluations + checkpoints; 0 = about 10 per trial
+    eval_every: int = 0                 # steps between evaluations + checkpoints; 0 = about 5 per trial
     eval_rows: int = 64                 # rows of each of val/test evaluated (all of them if fewer)
     micro_batch_rows: int = 0           # rows per forward pass per worker; 0 = whole per-worker batch
     zero_stage: int = 0

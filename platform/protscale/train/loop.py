@@ -132,7 +132,7 @@ class Plan:
         self.accumulation = per_rank // self.micro_rows
         self.batch_tokens = self.global_rows * seq_len
         self.steps = recipe.total_steps(cfg.tokens_target, self.batch_tokens)
-        self.eval_every = cfg.eval_every or max(1, self.steps // 10)
+        self.eval_every = cfg.eval_every or max(1, self.steps // 5)
         self.lr_max = cfg.resolved_lr_max()
 
 
