@@ -91,10 +91,9 @@ def run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool 
         else:
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
-                # reuse_actors: a finished trial's process runs the next one (no new interpreter, no
-                # second import of torch/DeepSpeed): seconds saved per trial.
-                tune_config=tune.TuneConfig(max_concurrent_trials=space.max_concurrent or None,
-                                            reuse_actors=True),
+                # No reuse_actors: DeepSpeed caches process groups at module level, and a reused
+                # trial process fails in the next trial's deepspeed.initialize ("group not registered").
+                tune_config=tune.TuneConfig(max_concurrent_trials=space.max_concurrent or None),
                 run_config=tune.RunConfig(name=name, storage_path=_join(storage, space.name), verbose=1,
                                           failure_config=tune.FailureConfig(max_failures=max_failures)))
         tuner.fit()
