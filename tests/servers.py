@@ -28,3 +28,25 @@ def session_pids(sid: int) -> list[int]:
         if int(fields[3]) == sid and fields[0] != "Z":
             pids.append(int(entry.name))
     return pids
+
+
+def wait_for_health(url: str, proc, log: Path, timeout_s: float = 180) -> None:
+    """Block until ``url``/health answers 200; fail the test with the server's log if it exits or the
+    time runs out."""
+    import time
+    import urllib.request
+
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            state = "exited" if proc.poll() is not None else f"did not answer /health within {timeout_s:.0f} s"
+            pytest.fail(f"server {state}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)

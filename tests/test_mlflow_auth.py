@@ -15,7 +15,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from protscale.cli import UserError
 from protscale.cluster.mlflow_auth import check_tracking_access, mlflow_errors
 from protscale.tracking import contract as c
 from protscale.tracking import runs
-from servers import free_port, session_pids
+from servers import free_port, session_pids, wait_for_health
 
 pytestmark = pytest.mark.slow          # a real server: start, migrations, two users; ~30 s or more
 
@@ -73,19 +72,7 @@ def server(tmp_path_factory):
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited:\n{(tmp / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("mlflow server did not answer /health within 120 s")
-            time.sleep(0.5)
+        wait_for_health(url, proc, tmp / "server.log", timeout_s=120)
         yield {"url": url, "admin_password": admin_password, "ray_password": secrets.token_hex(12)}
     finally:
         proc.send_signal(signal.SIGTERM)

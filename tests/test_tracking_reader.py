@@ -7,8 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from protscale.cli import UserError
 from protscale.tracking import contract as c
 from protscale.tracking import reader
 from protscale.tracking.reader import UnknownExperimentError, curves, read_experiments
-from servers import free_port
+from servers import free_port, wait_for_health
 
 T0 = 1_700_000_000_000
 
@@ -192,17 +190,7 @@ def server(store, tmp_path_factory):
                             cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"mlflow server did not start: {(work / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_for_health(url, proc, work / "server.log")
         yield url, expected
     finally:
         os.killpg(proc.pid, 15)
