@@ -265,3 +265,26 @@ def test_unknown_job_id_is_one_clear_line(authed, capsys, command):
     assert main([command, "raysubmit_doesnotexist", "--address", authed]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no job 'raysubmit_doesnotexist'" in err
+
+
+@pytest.mark.slow
+def test_sweep_job_entrypoint_runs_on_the_head(authed, demo_data, tmp_path, capsys):
+    """`jobs/sweep.py` as users submit it: the repository as working dir, the driver joins the head's
+    cluster (RAY_ADDRESS), and the trial lands in the MLflow store as a child of the sweep run."""
+    from mlflow.tracking import MlflowClient
+
+    space = tmp_path / "one_trial.py"
+    space.write_text("from protscale.sweep.space import SearchSpace, Trial\n"
+                     f"SPACE = SearchSpace(name='job-test', data={str(demo_data)!r},\n"
+                     "                    trials=[Trial('clm', 'tiny-2', 2e10)], defaults={'batch_tokens': 2048})\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc = main(["submit", "--address", authed, "--working-dir", str(REPO), "--",
+               "python", "jobs/sweep.py", str(space), "--tracking-uri", uri, "--storage", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    assert "sweep job-test: 1/1 trials completed" in out and out.rstrip().endswith("SUCCEEDED")
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("job-test")
+    trials = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'trial'")
+    assert [r.data.tags["status"] for r in trials] == ["completed"]
+    assert trials[0].data.tags["mlflow.parentRunId"]
