@@ -115,3 +115,28 @@ def test_checkpoint_written_by_two_workers_resumes_with_one(ray_local, demo_data
     run = client.get_run(result.run_id)
     assert run.data.tags["resumed_from_step"] == "10"
     assert len(client.search_runs([client.get_experiment_by_name("test").experiment_id])) == 1
+
+
+def test_transfer_weights_survive_deepspeeds_fp32_master_copies(demo_data, tmp_path):
+    """CLM→MLM transfer with bf16 + ZeRO-1: DeepSpeed's optimizer keeps fp32 master weights made when the
+    engine is built; weights loaded after that would be overwritten at the first step. After one step at
+    a negligible LR the model must still hold the donor's weights, not its random initialisation."""
+    import torch
+
+    from protscale.model.transformer import ModelConfig, ProteinLM
+    from protscale.train.loop import Plan, _engine, _ensure_process_group
+
+    _ensure_process_group(1)
+    cfg = _cfg(demo_data, tmp_path, objective="mlm", precision="bf16", zero_stage=1, lr_max=1e-12,
+               batch_tokens=1024)
+    torch.manual_seed(123)
+    donor = ProteinLM(ModelConfig.from_size(cfg.model_size, "clm")).state_dict()
+    plan = Plan(cfg, 128, 1)
+    engine = _engine(cfg, plan, torch.device("cpu"), universal=False, initial=donor)
+    batches = Batches(read_split(demo_data, "train"), "mlm", 0)
+    loss = engine(**batches.make(np.arange(plan.micro_rows), (0, 1, 0, 0), torch.device("cpu")))
+    engine.backward(loss)
+    engine.step()
+    after = engine.module.state_dict()
+    drift = max(float((after[k].float() - donor[k].float()).abs().mean()) for k in donor)
+    assert drift < 1e-3, f"weights moved by {drift:.3g} on average: the transfer weights were lost"

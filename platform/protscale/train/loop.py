@@ -53,7 +53,10 @@ def train_loop_per_worker(config: dict) -> None:
             saved_world = checkpoint.read_state(d)["world_size"]
     universal = saved_world is not None and saved_world != world and cfg.zero_stage > 0
 
-    engine = _engine(cfg, plan, device, universal)
+    # Transfer weights go into the model *before* DeepSpeed wraps it: with bf16 or ZeRO the optimizer
+    # keeps fp32 master copies made at initialisation, which would overwrite weights loaded later.
+    initial = checkpoint.load_weights(cfg.tracking_uri, cfg.init_from) if cfg.init_from and ckpt is None else None
+    engine = _engine(cfg, plan, device, universal, initial)
     state = {"step": 0, "tokens": 0, "world_size": world}
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -62,8 +65,6 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"[{cfg.name}] resumed at step {state['step']} (written by {state['world_size']} "
                   f"worker(s), now {world})", flush=True)
         state["world_size"] = world
-    elif cfg.init_from:
-        engine.module.load_state_dict(checkpoint.load_weights(cfg.tracking_uri, cfg.init_from))
 
     logger = MetricsLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 else None
     if logger and state["step"]:       # visible in the UI: this trial was restarted from a checkpoint
@@ -157,10 +158,13 @@ def trial_params(cfg: TrialConfig, seq_len: int) -> dict:
 
 # --- pieces of the loop -----------------------------------------------------------------------------
 
-def _engine(cfg: TrialConfig, plan: Plan, device: torch.device, universal: bool):
+def _engine(cfg: TrialConfig, plan: Plan, device: torch.device, universal: bool, initial: dict | None = None):
     import deepspeed
 
-    model = ProteinLM(ModelConfig.from_size(cfg.model_size, cfg.objective, cfg.attention)).to(device)
+    model = ProteinLM(ModelConfig.from_size(cfg.model_size, cfg.objective, cfg.attention))
+    if initial is not None:
+        model.load_state_dict(initial)
+    model = model.to(device)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
