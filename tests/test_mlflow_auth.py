@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from protscale.cli import UserError
-from protscale.cluster.mlflow_auth import check_tracking_access, mlflow_errors
+from protscale.tracking.auth import check_tracking_access, mlflow_errors
 from protscale.tracking import contract as c
 from protscale.tracking import runs
 from servers import free_port, session_pids, wait_for_health
@@ -217,3 +217,21 @@ def test_manifest_allowed_hosts(server, ray_user, host, allowed):
     except urllib.error.HTTPError as e:
         code = e.code
     assert (code == 200) == allowed, (host, code)
+
+
+@pytest.mark.parametrize("argv", [["fit", "--experiment", "any"], ["sweep", "SPACE"]])
+def test_commands_fail_fast_in_one_line_without_a_login(server, as_user, argv, tmp_path, capsys):
+    """`protscale fit` / `sweep` against a server that wants a login: one line naming the variables,
+    before any Ray cluster starts or any trial runs."""
+    from protscale.cli import main
+
+    space = tmp_path / "space.py"
+    space.write_text("from protscale.sweep.space import SearchSpace, Trial\n"
+                     f"SPACE = SearchSpace('auth', {str(tmp_path)!r}, [Trial('clm', 'tiny-2', 2e10)],\n"
+                     "                    defaults={'batch_tokens': 2048})\n")
+    (tmp_path / "manifest.json").write_text('{"seq_len": 128}')
+    as_user(None, None)
+    argv = [str(space) if a == "SPACE" else a for a in argv]
+    assert main([*argv, "--tracking-uri", server["url"]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "requires a login" in err and "MLFLOW_TRACKING_USERNAME" in err

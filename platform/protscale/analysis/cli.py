@@ -85,6 +85,9 @@ def _fit(args) -> int:
         db = Path(uri[len("sqlite:///"):])
         if not db.is_file():
             raise UserError(f"{db}: no such tracking store (give --tracking-uri)")
+    from protscale.tracking.auth import check_tracking_access
+
+    check_tracking_access(uri)
     cfg = Config(n_boot=args.bootstrap, n_boot_parametric=args.bootstrap_parametric, seed=args.seed,
                  parametric_points=args.parametric_points, parametric_init=args.parametric_init,
                  parametric_grid=args.parametric_grid,

@@ -23,7 +23,7 @@ from protscale.tracking import contract as c
 RUN_COLUMNS = ["run_id", "experiment", "run_name", "objective", "size", "n_params", "budget_flops", "budget_source",
                "init_from", "init_objective", "init_budget_flops", "status", "kind", "source", "defects"]
 #: Tag an importer may set on a run whose budget it could not read (values: name, tokens_target, curve_end).
-BUDGET_SOURCE_TAG = "budget_source"
+BUDGET_SOURCE_TAG = c.BUDGET_SOURCE
 CURVE_COLUMNS = ["run_id", "step", "tokens", "flops", "loss"]
 
 

@@ -71,7 +71,10 @@ def run_sweep_cmd(args) -> int:
     from ..train.trial import connect_ray
     from .tune import run_sweep
 
+    from ..tracking.auth import check_tracking_access
+
     uri = resolve_tracking_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
+    check_tracking_access(uri)      # before Ray starts: not once per trial, inside every trial
     connect_ray(args.ray_address)
     statuses = run_sweep(space, uri, args.storage, resume=args.resume)
     failed = [n for n, s in statuses.items() if s != "completed"]

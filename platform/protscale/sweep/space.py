@@ -127,5 +127,5 @@ def resources(space: SearchSpace, trial: Trial) -> dict:
     if not space.gpus_per_trial:
         return {"cpu": 1}
     if workers(space, trial):
-        return {"cpu": 1, "train_workers_gpu": workers(space, trial)}
+        return {"cpu": 1, "workers": workers(space, trial), "gpu_per_worker": 1}
     return {"cpu": 1, "gpu": space.gpus_per_trial}

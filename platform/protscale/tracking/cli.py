@@ -56,6 +56,9 @@ def _import_tb_csv(args) -> int:
         raise UserError("--seq-len must be positive")
     sizes = load_size_map(args.size_map)
     uri = contract.resolve_tracking_uri(args.tracking_uri) if args.tracking_uri else contract.default_tracking_uri()
+    from .auth import check_tracking_access
+
+    check_tracking_access(uri)
     summary = import_tb_csv(root, args.experiment, tracking_uri=uri, size_map=sizes, sweep=args.sweep,
                             seq_len=args.seq_len, dry_run=args.dry_run, verbose=args.verbose,
                             out=lambda line: print(line, flush=True))

@@ -55,6 +55,7 @@ SOURCE = "source"                  # "trained" | "imported"
 TRIAL = "trial"                    # deterministic trial name within the sweep
 KIND = "kind"                      # "trial" | "sweep" | "analysis"
 PARENT_RUN_ID = "mlflow.parentRunId"
+BUDGET_SOURCE = "budget_source"    # importer: where budget_flops came from: name | tokens_target | curve_end
 DEFECTS = "defects"                # comma-separated data defects found by an importer ("" = none)
 
 STATUS_RUNNING, STATUS_COMPLETED, STATUS_DIVERGED, STATUS_FAILED = "running", "completed", "diverged", "failed"

@@ -76,7 +76,7 @@ TB_RUN = "tb_run"                    # the run name inside the export's file nam
 TB_TAG = "tb_tag"                    # the TensorBoard tag
 X_AXES = "x_axes"                    # the exported x-axes merged into this run, e.g. "flops,tokens"
 SIZE_SOURCE = "size_source"          # folder | name | name+folders | nearest | axes
-BUDGET_SOURCE = "budget_source"      # name | tokens_target | curve_end
+BUDGET_SOURCE = c.BUDGET_SOURCE      # name | tokens_target | curve_end
 INIT_OBJECTIVE = c.INIT_OBJECTIVE
 INIT_BUDGET_FLOPS = c.INIT_BUDGET_FLOPS
 

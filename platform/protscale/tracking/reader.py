@@ -308,18 +308,17 @@ def _read_sql(uri: str, names: list[str], keys: list[str] | None) -> Tables:
             trips += 1
             run_rows = [(r[0], str(r[1]), id_to_name[int(r[1])], r[2], r[3], r[4], r[5]) for r in rows]
 
-            params: dict[str, dict[str, str]] = {}
-            for rid, k, v in conn.execute(sa.text(
-                    f"SELECT p.run_uuid, p.key, p.value FROM params p JOIN runs r ON r.run_uuid = p.run_uuid "
-                    f"WHERE {run_filter}").bindparams(eb), {"eids": exp_ids}):
-                params.setdefault(rid, {})[k] = v
-            trips += 1
-            tags: dict[str, dict[str, str]] = {}
-            for rid, k, v in conn.execute(sa.text(
-                    f"SELECT t.run_uuid, t.key, t.value FROM tags t JOIN runs r ON r.run_uuid = t.run_uuid "
-                    f"WHERE {run_filter}").bindparams(eb), {"eids": exp_ids}):
-                tags.setdefault(rid, {})[k] = v
-            trips += 1
+            def key_values(table: str) -> dict[str, dict[str, str]]:
+                """{run_id: {key: value}} of MLflow's params or tags table, one query."""
+                out: dict[str, dict[str, str]] = {}
+                for rid, k, v in conn.execute(sa.text(
+                        f"SELECT x.run_uuid, x.key, x.value FROM {table} x JOIN runs r ON r.run_uuid = x.run_uuid "
+                        f"WHERE {run_filter}").bindparams(eb), {"eids": exp_ids}):
+                    out.setdefault(rid, {})[k] = v
+                return out
+
+            params, tags = key_values("params"), key_values("tags")
+            trips += 2
 
             # The metrics are the bulk: read them through the raw DB-API cursor (no per-row SQLAlchemy
             # objects). Experiment ids are integers from the store and keys are checked against MLflow's

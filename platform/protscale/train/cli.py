@@ -76,8 +76,10 @@ def run(args) -> int:
         raise UserError(f"--budget-flops {args.budget_flops:g} buys no token at size {args.size}")
     from mlflow.exceptions import MlflowException
 
+    from ..tracking.auth import check_tracking_access
     from .trial import prepare_run
 
+    check_tracking_access(cfg.tracking_uri)       # a refused login fails here, in one line
     try:
         prepare_run(cfg)        # the MLflow run (found again if this trial ran before) and init_from checks
     except (ValueError, MlflowException) as exc:

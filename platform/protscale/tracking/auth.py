@@ -4,7 +4,7 @@ MLflow's own message for a refused request is a multi-line ``MlflowException`` (
 endpoint ... failed with error code 401 != 200. Response body: 'You are not authenticated...'") that
 names neither the variables to set nor the server. Wrap tracking calls that face the user:
 
-    from protscale.cluster.mlflow_auth import mlflow_errors
+    from protscale.tracking.auth import mlflow_errors
     with mlflow_errors(tracking_uri):
         run_id = runs.start_run(tracking_uri, ...)
 
