@@ -29,7 +29,7 @@ def plain_loop(cfg, data: str) -> tuple[float, int]:
     from protscale.model.transformer import ModelConfig, ProteinLM
     from protscale.train import recipe
     from protscale.train.batches import Batches
-    from protscale.train.loop import Plan
+    from protscale.train.plan import Plan
 
     train = Batches(read_split(data, "train"), cfg.objective, cfg.seed)
     plan = Plan(cfg, train.rows.seq_len, 1)

@@ -124,15 +124,16 @@ def test_transfer_weights_survive_deepspeeds_fp32_master_copies(demo_data, tmp_p
     import torch
 
     from protscale.model.transformer import ModelConfig, ProteinLM
-    from protscale.train.loop import Plan, _engine, _ensure_process_group
+    from protscale.train.plan import Plan
+    from protscale.train.engine import build_engine, init_process_group
 
-    _ensure_process_group(1)
+    init_process_group(1, torch.device("cpu"))
     cfg = _cfg(demo_data, tmp_path, objective="mlm", precision="bf16", zero_stage=1, lr_max=1e-12,
                batch_tokens=1024)
     torch.manual_seed(123)
     donor = ProteinLM(ModelConfig.from_size(cfg.model_size, "clm")).state_dict()
     plan = Plan(cfg, 128, 1)
-    engine = _engine(cfg, plan, torch.device("cpu"), universal=False, initial=donor)
+    engine = build_engine(cfg, plan, torch.device("cpu"), universal=False, initial=donor)
     batches = Batches(read_split(demo_data, "train"), "mlm", 0)
     loss = engine(**batches.make(np.arange(plan.micro_rows), (0, 1, 0, 0), torch.device("cpu")))
     engine.backward(loss)

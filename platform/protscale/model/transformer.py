@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..data.tokenizer import VOCAB_SIZE
 from .sizes import ModelSize
@@ -35,10 +36,13 @@ class ModelConfig:
     causal: bool                     # True for CLM, False for MLM
     vocab_size: int = VOCAB_SIZE
     attention: str = "auto"          # "auto" | "sdpa" | "flash"
+    activation_checkpointing: bool = False   # recompute each block in backward: keep only block inputs
 
     @classmethod
-    def from_size(cls, size: ModelSize, objective: str, attention: str = "auto") -> "ModelConfig":
-        return cls(size.layers, size.d_model, size.heads, causal=objective == "clm", attention=attention)
+    def from_size(cls, size: ModelSize, objective: str, attention: str = "auto",
+                  activation_checkpointing: bool = False) -> "ModelConfig":
+        return cls(size.layers, size.d_model, size.heads, causal=objective == "clm", attention=attention,
+                   activation_checkpointing=activation_checkpointing)
 
 
 def resolve_attention(choice: str, device: torch.device) -> str:
@@ -151,7 +155,10 @@ class ProteinLM(nn.Module):
         varlen = cu_seqlens(doc_ids) if impl == "flash" else None
         x = self.embed(tokens)
         for block in self.blocks:
-            x = block(x, pos_ids, doc_ids, impl, mask, varlen)
+            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, pos_ids, doc_ids, impl, mask, varlen, use_reentrant=False)
+            else:
+                x = block(x, pos_ids, doc_ids, impl, mask, varlen)
         logits = F.linear(self.norm(x), self.embed.weight, self.head_bias)
         if labels is None:
             return logits

@@ -25,6 +25,7 @@ class TrialConfig:
     eval_every: int = 0                 # steps between evaluations + checkpoints; 0 = about 5 per trial
     eval_rows: int = 64                 # rows of each of val/test evaluated (all of them if fewer)
     micro_batch_rows: int = 0           # rows per forward pass per worker; 0 = whole per-worker batch
+    activation_checkpointing: bool = False   # recompute each block's activations in backward
     zero_stage: int = 0
     precision: str = "auto"             # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
     attention: str = "auto"             # "auto" | "sdpa" | "flash"

@@ -18,12 +18,13 @@ import torch
 
 from ..data.shards import SPLITS, read_manifest, read_split
 from ..model.sizes import FLOPS_CONVENTION, effective_context, train_flops_per_token
-from ..model.transformer import ModelConfig, ProteinLM
 from ..tracking import contract as c
 from ..tracking.runs import MetricsLogger
 from . import checkpoint, recipe
 from .batches import Batches
 from .config import TrialConfig
+from .engine import build_engine, init_process_group
+from .plan import Plan
 
 RESUMED_FROM_STEP = "resumed_from_step"     # MLflow tag: the step of the checkpoint of the last restart
 
@@ -36,9 +37,9 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = TrialConfig.from_dict(config)
     ctx = session.get_context()
     rank, world = (ctx.get_world_rank(), ctx.get_world_size()) if session.__name__ == "ray.train" else (0, 1)
-    _ensure_process_group(world)
     local_rank = ctx.get_local_rank() if session.__name__ == "ray.train" else 0
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    init_process_group(world, device)
     torch.manual_seed(cfg.seed)
 
     train = Batches(read_split(cfg.data, "train"), cfg.objective, cfg.seed)
@@ -56,7 +57,7 @@ def train_loop_per_worker(config: dict) -> None:
     # Transfer weights go into the model *before* DeepSpeed wraps it: with bf16 or ZeRO the optimizer
     # keeps fp32 master copies made at initialisation, which would overwrite weights loaded later.
     initial = checkpoint.load_weights(cfg.tracking_uri, cfg.init_from) if cfg.init_from and ckpt is None else None
-    engine = _engine(cfg, plan, device, universal, initial)
+    engine = build_engine(cfg, plan, device, universal, initial)
     state = {"step": 0, "tokens": 0, "world_size": world}
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -120,23 +121,6 @@ def train_loop_per_worker(config: dict) -> None:
         interval_start, interval_tokens, step_losses = time.perf_counter(), state["tokens"], []
 
 
-class Plan:
-    """Batch geometry and schedule lengths of a trial at a given world size."""
-
-    def __init__(self, cfg: TrialConfig, seq_len: int, world: int):
-        rows = max(1, round(cfg.resolved_batch_tokens(seq_len) / seq_len))
-        self.global_rows = math.ceil(rows / world) * world
-        per_rank = self.global_rows // world
-        self.micro_rows = min(cfg.micro_batch_rows or per_rank, per_rank)
-        while per_rank % self.micro_rows:
-            self.micro_rows -= 1
-        self.accumulation = per_rank // self.micro_rows
-        self.batch_tokens = self.global_rows * seq_len
-        self.steps = recipe.total_steps(cfg.tokens_target, self.batch_tokens)
-        self.eval_every = cfg.eval_every or max(1, self.steps // 5)
-        self.lr_max = cfg.resolved_lr_max()
-
-
 def trial_params(cfg: TrialConfig, seq_len: int) -> dict:
     """The contract's params of a trial (logged once, when its MLflow run is created)."""
     size = cfg.model_size
@@ -157,38 +141,6 @@ def trial_params(cfg: TrialConfig, seq_len: int) -> dict:
 
 
 # --- pieces of the loop -----------------------------------------------------------------------------
-
-def _engine(cfg: TrialConfig, plan: Plan, device: torch.device, universal: bool, initial: dict | None = None):
-    import deepspeed
-
-    model = ProteinLM(ModelConfig.from_size(cfg.model_size, cfg.objective, cfg.attention))
-    if initial is not None:
-        model.load_state_dict(initial)
-    model = model.to(device)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe.WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=plan.lr_max, betas=recipe.ADAM_BETAS, eps=recipe.ADAM_EPS,
-        fused=device.type == "cuda")
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: recipe.lr_at(i + 1, plan.steps, plan.lr_max) / plan.lr_max)
-    ds_config = {
-        "train_batch_size": plan.global_rows,
-        "train_micro_batch_size_per_gpu": plan.micro_rows,
-        "gradient_accumulation_steps": plan.accumulation,
-        "gradient_clipping": recipe.GRAD_CLIP,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": bf16},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10 ** 9,
-        "checkpoint": {"load_universal": universal},
-    }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=ds_config)
-    return engine
-
 
 @torch.no_grad()
 def _evaluate(engine, batches: Batches, cfg: TrialConfig, rank: int, world: int, device) -> float:
@@ -226,19 +178,6 @@ def _session():
         return ray.train
     except DeprecationWarning:
         return ray.tune
-
-
-def _ensure_process_group(world: int) -> None:
-    """Ray Train's local mode (num_workers=0) creates no process group; DeepSpeed needs one."""
-    if torch.distributed.is_initialized():
-        return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
 
 
 def _has_split(data: str, split: str) -> bool:

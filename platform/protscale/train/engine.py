@@ -1,0 +1,62 @@
+"""The DeepSpeed engine of a trial and the process group it runs over.
+
+Kept apart from the training loop (and free of Ray and MLflow imports) so that benchmarks and GPU checks
+build exactly the engine a trial trains with.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..model.transformer import ModelConfig, ProteinLM
+from . import recipe
+from .config import TrialConfig
+
+
+def build_engine(cfg: TrialConfig, plan, device: torch.device, universal: bool, initial: dict | None = None):
+    """The trial's model and AdamW optimizer (the paper's recipe) as a DeepSpeed engine."""
+    import deepspeed
+
+    model = ProteinLM(ModelConfig.from_size(cfg.model_size, cfg.objective, cfg.attention, cfg.activation_checkpointing))
+    if initial is not None:
+        model.load_state_dict(initial)
+    model = model.to(device)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=plan.lr_max, betas=recipe.ADAM_BETAS, eps=recipe.ADAM_EPS,
+        fused=device.type == "cuda")
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: recipe.lr_at(i + 1, plan.steps, plan.lr_max) / plan.lr_max)
+    ds_config = {
+        "train_batch_size": plan.global_rows,
+        "train_micro_batch_size_per_gpu": plan.micro_rows,
+        "gradient_accumulation_steps": plan.accumulation,
+        "gradient_clipping": recipe.GRAD_CLIP,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10 ** 9,
+        "checkpoint": {"load_universal": universal},
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=ds_config)
+    return engine
+
+
+def init_process_group(world: int, device: torch.device) -> None:
+    """Ray Train's local mode (num_workers=0) creates no process group; DeepSpeed needs one: NCCL on a
+    GPU (no gloo over CUDA tensors), gloo on CPU."""
+    if torch.distributed.is_initialized():
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
