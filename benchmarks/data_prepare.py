@@ -1,103 +1,179 @@
-"""Throughput of ``protscale data prepare`` on one full shard of the shared corpus, against a naive baseline.
+"""``protscale data prepare`` on the shared corpus: the Ray Data pipeline against the single-process
+implementation it replaced, at 1 shard and at the full corpus.
 
-    .venv/bin/python benchmarks/data_prepare.py [FASTA.gz] [--seq-len 1024] [--profile]
+    .venv/bin/python benchmarks/data_prepare.py [--sizes 1,all] [--seq-len 1024] [--no-baseline]
 
-Pipeline: the real ``prepare()`` (read + validate + de-duplicate + split + tokenise + pack + write Parquet)
-into a temporary directory. Baseline, measured in the same process on the same file: a naive reader that
-does only a subset of that work — gzip text lines, then pure-Python per-character validation and
-tokenisation into a list of ids (no de-duplication, no packing, no writing). The figure for both is input
-residues per second of wall time; imports (pyarrow, pandas) are warmed up first so they are not counted.
+Each run is a fresh child process (``--child``) that prepares into a temporary directory; this process
+samples, every 0.2 s with psutil, the resident memory of the child (the driver) and of the child plus
+all its descendants (the local Ray it starts: GCS, raylet, workers; shared object-store pages count once
+per process that maps them, so the tree figure is an upper bound). Printed per run: wall time of
+``prepare()`` (Ray already started and warmed by a tiny prepare; Ray start-up printed separately), input
+residues/s, peak RSS of the driver and of the tree. Baseline: ``platform/protscale/data/prepare.py`` at
+git ``HEAD~N`` that still holds the whole corpus in one process (``--baseline-rev``), loaded from git
+into a temporary module, same inputs, same machine, same run.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
-import gzip
-import pstats
+import importlib.util
+import json
+import os
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-SHARD = "/work/shared/data/proteins/uniprot-go2014-part-00.fasta.gz"
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = Path(os.environ.get("PROTSCALE_CORPUS", REPO.parent / "shared" / "data" / "proteins"))
+BASELINE_REV = "9901735"  # the last commit with the single-process prepare.py
 
 
-def naive(path: str) -> tuple[int, int]:
-    """Per-character validation + tokenisation in pure Python; returns (records, residues)."""
-    from protscale.data.tokenizer import CLS, EOS, TOKEN_ID, VALID_RESIDUES
+def corpus(size: str) -> list[str]:
+    shards = sorted(str(p) for p in CORPUS.glob("uniprot-go2014-part-*.fasta.gz"))
+    if size == "all":  # sample-2k repeats sequences of the shards: weight 0, it only feeds de-duplication
+        return shards + [f"{CORPUS / 'sample-2k.fasta'}:0"]
+    return shards[:int(size)]
 
-    records = residues = 0
-    ids: list[int] = []
-    seq: list[str] = []
 
-    def flush() -> None:
-        nonlocal records, residues
-        if seq:
-            s = "".join(seq)
-            toks = [CLS]
-            for ch in s:
-                c = ch.upper()
-                if c not in VALID_RESIDUES:
-                    raise ValueError(f"invalid residue {ch!r}")
-                toks.append(TOKEN_ID[c])
-            toks.append(EOS)
-            ids.extend(toks)
-            records += 1
-            residues += len(s)
-            seq.clear()
+def load_baseline(rev: str):
+    """The single-process ``prepare`` of git ``rev``, as module ``protscale.data._baseline_prepare``."""
+    src = subprocess.run(["git", "show", f"{rev}:platform/protscale/data/prepare.py"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    tmp = Path(tempfile.mkdtemp(prefix="protscale-baseline-")) / "_baseline_prepare.py"
+    tmp.write_text(src)
+    spec = importlib.util.spec_from_file_location("protscale.data._baseline_prepare", tmp)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
-    with gzip.open(path, "rt") as f:
-        for line in f:
-            if line.startswith(">"):
-                flush()
-            else:
-                seq.append(line.strip())
-        flush()
-    return records, residues
+
+def child(args) -> None:
+    """One measured run (in its own process); prints one RESULT line of JSON."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    files = json.loads(args.child)
+    from protscale.data.bundled import OOD
+
+    with tempfile.TemporaryDirectory(prefix="protscale-bench-") as tmp:
+        t_ray = 0.0
+        if args.impl == "baseline":
+            prepare = load_baseline(args.baseline_rev).prepare
+        else:
+            import ray
+
+            from protscale.data.prepare import prepare
+
+            t0 = time.perf_counter()
+            for attempt in range(3):  # a loaded 2-core machine can miss Ray's 30 s raylet start-up limit
+                try:
+                    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                             logging_level="WARNING")
+                    break
+                except Exception:
+                    ray.shutdown()
+                    if attempt == 2:
+                        raise
+            prepare([OOD], Path(tmp) / "warm", progress=False)  # start the workers, warm their imports
+            t_ray = time.perf_counter() - t0
+        print("MARK start", flush=True)
+        t0 = time.perf_counter()
+        m = prepare(files, Path(tmp) / "out", seq_len=args.seq_len, progress=False)
+        wall = time.perf_counter() - t0
+    residues = sum(s["residues"] for s in m["sources"])
+    print("RESULT " + json.dumps({"wall_s": wall, "ray_start_s": t_ray, "residues": residues,
+                                  "rows": m["totals"]["rows"], "hash": m["hash"],
+                                  "stages_s": m["_run"]["stages_s"]}), flush=True)
+
+
+def measure(impl: str, files: list[str], args) -> dict:
+    import psutil
+
+    cmd = [sys.executable, __file__, "--child", json.dumps(files), "--impl", impl, "--seq-len",
+           str(args.seq_len), "--baseline-rev", args.baseline_rev]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    root = psutil.Process(proc.pid)
+    peak = {"driver": 0, "tree": 0}
+    started = threading.Event()
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            if started.is_set():
+                try:
+                    procs = [root] + root.children(recursive=True)
+                    rss = {}
+                    for p in procs:
+                        try:
+                            rss[p.pid] = p.memory_info().rss
+                        except psutil.Error:
+                            pass
+                    peak["driver"] = max(peak["driver"], rss.get(root.pid, 0))
+                    peak["tree"] = max(peak["tree"], sum(rss.values()))
+                except psutil.Error:
+                    pass
+            time.sleep(0.2)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    result = None
+    for line in proc.stdout:
+        if line.startswith("MARK start"):
+            started.set()
+        elif line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+    proc.wait()
+    done.set()
+    t.join()
+    if proc.returncode != 0 or result is None:
+        raise SystemExit(f"{impl} run failed (exit {proc.returncode})")
+    result["peak_driver_gb"] = peak["driver"] / 1e9
+    result["peak_tree_gb"] = peak["tree"] / 1e9
+    return result
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("fasta", nargs="?", default=SHARD)
+    ap.add_argument("--sizes", default="1,all", help="comma-separated: a number of shards (weight 1 each), "
+                    "or 'all' (the 8 shards plus sample-2k.fasta at weight 0)")
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--profile", action="store_true", help="print a cProfile of the pipeline run")
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--baseline-rev", default=BASELINE_REV)
+    ap.add_argument("--impl", default="ray", choices=("ray", "baseline"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        child(args)
+        return 0
 
-    from protscale.data.bundled import OOD
-    from protscale.data.prepare import prepare
-
-    with tempfile.TemporaryDirectory(prefix="protscale-bench-") as tmp:
-        prepare([OOD], Path(tmp) / "warm", progress=False)  # warm imports (pyarrow.parquet pulls pandas)
-        prof = cProfile.Profile() if args.profile else None
-        t0 = time.perf_counter()
-        if prof:
-            prof.enable()
-        m = prepare([args.fasta], Path(tmp) / "out", seq_len=args.seq_len, progress=True)
-        if prof:
-            prof.disable()
-        t_pipe = time.perf_counter() - t0
-    res_in = m["sources"][0]["residues"]
-    t0 = time.perf_counter()
-    n_rec, n_res = naive(args.fasta)
-    t_naive = time.perf_counter() - t0
-    assert n_res == res_in, (n_res, res_in)
-
-    rp, rn = res_in / t_pipe, n_res / t_naive
-    print(f"input: {args.fasta}: {m['sources'][0]['records']:,} records, {res_in:,} residues, "
-          f"{m['sources'][0]['duplicates_dropped']:,} duplicates")
-    print(f"pipeline (prepare: validate+dedup+split+tokenise+pack+write, seq_len {args.seq_len}): "
-          f"{t_pipe:.2f} s, {rp / 1e6:.2f}M residues/s; rows {m['totals']['rows']:,}")
-    print("pipeline stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in m["_run"]["stages_s"].items()))
-    print(f"naive baseline (pure-Python per-character validate+tokenise only): {t_naive:.2f} s, "
-          f"{rn / 1e6:.2f}M residues/s")
-    print(f"ratio pipeline/naive: {rp / rn:.1f}x")
-    st = m["_run"]["stages_s"]
-    t_same = st["read"] + st["tokenise_pack"]  # the part of the pipeline that does the baseline's work
-    print(f"like for like (pipeline read+validate+dedup+tokenise+pack only, {t_same:.2f} s): "
-          f"{res_in / t_same / 1e6:.2f}M residues/s, {res_in / t_same / rn:.1f}x the naive baseline")
-    if prof:
-        pstats.Stats(prof, stream=sys.stdout).sort_stats("cumulative").print_stats(20)
+    print(f"machine: {os.cpu_count()} CPUs; corpus {CORPUS}")
+    rows = []
+    for size in args.sizes.split(","):
+        files = corpus(size)
+        for impl in (["ray"] if args.no_baseline else ["ray", "baseline"]):
+            r = measure(impl, files, args)
+            rows.append((size, impl, r))
+            print(f"{impl:8s} {size:>3s} shard(s): {len(files)} files, {r['residues'] / 1e6:.1f}M residues: "
+                  f"{r['wall_s']:.1f} s, {r['residues'] / r['wall_s'] / 1e6:.2f}M residues/s; peak RSS driver "
+                  f"{r['peak_driver_gb']:.2f} GB, process tree {r['peak_tree_gb']:.2f} GB"
+                  + (f"; Ray start + warm-up {r['ray_start_s']:.1f} s; stages (s) "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items()) if impl == "ray" else ""),
+                  flush=True)
+    by = {(s, i): r for s, i, r in rows}
+    for size in args.sizes.split(","):
+        if (size, "baseline") in by:
+            a, b = by[(size, "ray")], by[(size, "baseline")]
+            print(f"ratio ray/baseline at {size}: speed {b['wall_s'] / a['wall_s']:.2f}x, "
+                  f"driver RSS {a['peak_driver_gb'] / max(b['peak_driver_gb'], 1e-9):.2f}x, "
+                  f"tree RSS {a['peak_tree_gb'] / max(b['peak_tree_gb'], 1e-9):.2f}x")
+    sizes = args.sizes.split(",")
+    if len(sizes) >= 2:
+        a, b = by[(sizes[0], "ray")], by[(sizes[-1], "ray")]
+        print(f"ray scaling {sizes[0]} -> {sizes[-1]}: residues x{b['residues'] / a['residues']:.1f}, "
+              f"time x{b['wall_s'] / a['wall_s']:.2f}, driver RSS x{b['peak_driver_gb'] / a['peak_driver_gb']:.2f}, "
+              f"tree RSS x{b['peak_tree_gb'] / a['peak_tree_gb']:.2f}")
     return 0
 
 

@@ -23,16 +23,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 def plain_loop(cfg, data: str) -> tuple[float, int]:
     """The baseline: the trial's batches through the same model and optimizer, nothing else."""
+    import numpy as np
     import torch
 
-    from protscale.data.shards import read_split
+    from protscale.data.shards import SplitReader
     from protscale.model.transformer import ModelConfig, ProteinLM
     from protscale.train import recipe
-    from protscale.train.batches import Batches
+    from protscale.train.batches import Schedule, build_batch
     from protscale.train.plan import Plan
 
-    train = Batches(read_split(data, "train"), cfg.objective, cfg.seed)
-    plan = Plan(cfg, train.rows.seq_len, 1)
+    train = SplitReader(data, "train")
+    plan = Plan(cfg, train.seq_len, 1)
+    schedule = Schedule.for_reader(train, cfg.seed, plan.global_rows)
     model = ProteinLM(ModelConfig.from_size(cfg.model_size, cfg.objective))
     opt = torch.optim.AdamW(model.parameters(), lr=plan.lr_max, betas=recipe.ADAM_BETAS, eps=recipe.ADAM_EPS,
                             weight_decay=recipe.WEIGHT_DECAY)
@@ -40,13 +42,14 @@ def plain_loop(cfg, data: str) -> tuple[float, int]:
     for step in range(1, plan.steps + 1):
         for group in opt.param_groups:
             group["lr"] = recipe.lr_at(step, plan.steps, plan.lr_max)
-        rows = train.schedule(step, plan.global_rows)
-        loss = model(**train.make(rows, (cfg.seed, step, 0, 0), torch.device("cpu")))
+        rows, lens = train.rows(schedule.rows(step, plan.global_rows))
+        batch = build_batch(rows, lens, cfg.objective, [(cfg.seed, step, i) for i in range(len(lens))])
+        loss = model(**{k: torch.from_numpy(v) for k, v in batch.items()})
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.GRAD_CLIP)
         opt.step()
-        tokens += int(train.row_tokens[rows].sum())
+        tokens += int(sum(int(np.sum(x)) for x in lens))
     return time.perf_counter() - start, tokens
 
 

@@ -24,8 +24,9 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def demo_data(tmp_path_factory) -> Path:
-    """The bundled proteins prepared once: rows of 128 tokens, IID validation and an OOD test split."""
+def demo_data(tmp_path_factory, ray_local) -> Path:
+    """The bundled proteins prepared once: rows of 128 tokens, IID validation and an OOD test split
+    (``prepare`` runs on Ray Data: on the session's Ray, not on one it would start by itself)."""
     from protscale.data import MAIN, OOD
     from protscale.data.prepare import prepare
 

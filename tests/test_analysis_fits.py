@@ -235,3 +235,24 @@ def test_partly_diverged_runs_are_dropped_and_listed():
     assert {"run_id": bad, "check": "non_finite"} in res["checks"]["excluded"]
     used = [b["n_runs"] for b in res["objectives"]["clm"]["isoflop"]["budgets"]]
     assert sum(used) == len(runs) - 1
+
+
+def test_bootstrap_replicates_are_refitted_from_the_full_grid():
+    runs, curves = synthetic.parametric_runs(budgets=(1e18, 1e19, 1e20), sizes_per_budget=5, noise=0.006, seed=12,
+                                             points=6)
+    clean, cc, _ = run_checks(runs, curves)
+    fp = final_points(clean, cc)
+    n, d, L = (fp[k].to_numpy(float) for k in ("n_params", "final_tokens", "final_loss"))
+    fit = parametric.fit_parametric(n, d, L, grid="coarse")
+    # a replicate of all ones is the original data: refitted from the grid it finds the point estimate
+    best, f, ends, _ = parametric.refit_grid(np.log(n), np.log(d), np.log(L), np.ones((1, n.size)),
+                                             parametric.grid_starts("coarse"))
+    assert f[0] == pytest.approx(fit.objective, rel=1e-6)
+    assert ends.shape == (1, parametric.KEEP, 5)
+    boot = parametric.bootstrap_parametric(n, d, L, fp["budget"].to_numpy(), fit, n_boot=8, grid="coarse")
+    spread = parametric.basin_spread(boot, len(fit.basins))
+    for scheme in ("run", "budget"):
+        assert boot[scheme]["alpha"].shape == (8,) and np.isfinite(boot[scheme]["alpha"]).all()
+        s = spread[scheme]
+        assert sum(s["share_by_basin"]) + s["share_other"] == pytest.approx(1.0)
+        assert sum(s["near_optimal_basins"].values()) == pytest.approx(1.0)

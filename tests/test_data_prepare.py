@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import stat
-import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +14,16 @@ from protscale.cli import UserError, main
 from protscale.data import shards
 from protscale.data.bundled import MAIN, OOD, bundled_path
 from protscale.data.fasta import read_fasta
-from protscale.data.prepare import manifest_hash, mix_targets, n_val_for, pack_stream, prepare, tokenise_many
-from protscale.data.tokenizer import CLS, EOS, PAD, STANDARD_AMINO_ACIDS, encode
+from protscale.data.packing import pack_tokens
+from protscale.data.prepare import manifest_hash, mix_targets, n_val_for, prepare
+from protscale.data.tokenizer import CLS, EOS, PAD, STANDARD_AMINO_ACIDS, encode, encode_many
 
 AA = np.array(list(STANDARD_AMINO_ACIDS))
+
+
+@pytest.fixture(autouse=True)
+def _ray(ray_local):
+    """prepare() runs on Ray Data: one real local Ray for the whole session."""
 
 
 def rand_seqs(n: int, seed: int, lo: int = 30, hi: int = 200) -> list[str]:
@@ -224,59 +228,53 @@ def test_ood_clusters_need_mmseqs(tmp_path, monkeypatch, capsys):
     assert rc == 2 and "mmseqs" in err and not (tmp_path / "out").exists()
 
 
-FAKE_MMSEQS = """#!{python}
-# Stand-in for `mmseqs easy-cluster IN PREFIX TMP ...`: clusters sequences by their first 2 residues.
-import sys
-args = sys.argv[1:]
-assert args[0] == "easy-cluster" and "--min-seq-id" in args
-reps, name = {{}}, None
-with open(args[1]) as f, open(args[2] + "_cluster.tsv", "w") as out:
-    for line in f:
-        if line.startswith(">"):
-            name = line[1:].strip()
-        else:
-            rep = reps.setdefault(line[:2], name)
-            out.write(rep + "\\t" + name + "\\n")
-"""
+def protein_families(n_families: int, variants: int, seed: int) -> list[list[str]]:
+    """Real proteins (the bundled UniProt sample), each with ``variants`` copies carrying 3% substitutions:
+    a family that any sequence-identity clustering at 50% keeps together."""
+    rng = np.random.default_rng(seed)
+    real = [r.seq.decode() for r in read_fasta(MAIN) if 80 <= len(r.seq) <= 400][:n_families]
+    fams = []
+    for s in real:
+        fam = [s]
+        for _ in range(variants):
+            v = np.array(list(s))
+            at = rng.choice(len(s), size=max(1, len(s) * 3 // 100), replace=False)
+            v[at] = rng.choice(AA, size=at.size)
+            fam.append("".join(v))
+        fams.append(fam)
+    return fams
 
 
-def test_ood_clusters_hold_out_whole_clusters(tmp_path, monkeypatch):
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    fake = bindir / "mmseqs"
-    fake.write_text(FAKE_MMSEQS.format(python=sys.executable))
-    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
-    seqs = rand_seqs(400, 12)
-    src = write(tmp_path / "s.fa", fasta_text(seqs))
+@pytest.mark.skipif(shutil.which("mmseqs") is None, reason="needs mmseqs (apt-get install mmseqs2; .ci/run does)")
+def test_ood_clusters_hold_out_whole_clusters(tmp_path):
+    """The real ``mmseqs easy-cluster`` on real proteins: families never straddle test and train."""
+    fams = protein_families(150, 2, 12)
+    src = write(tmp_path / "s.fa", fasta_text([s for f in fams for s in f]))
     m = prepare([src], tmp_path / "out", ood_clusters=0.2, progress=False, val_min=10)
-    assert m["ood"]["method"] == "clusters" and m["ood"]["clusters"] == len({s[:2] for s in seqs})
+    ood = m["ood"]
+    assert ood["method"] == "clusters" and ood["tool"] == "mmseqs easy-cluster"
+    assert 100 <= ood["clusters"] <= 150 * 3  # at least the families are clusters; nothing left unclustered
     test = decode_split(tmp_path / "out", "test")
     rest = decode_split(tmp_path / "out", "train") + decode_split(tmp_path / "out", "val")
-    assert not {s[:2] for s in test} & {s[:2] for s in rest}  # no cluster split across test and the rest
-    assert len(test) + len(rest) == 400
+    family_of = {s.encode(): i for i, f in enumerate(fams) for s in f}
+    split_families = {family_of[s] for s in test} & {family_of[s] for s in rest}
+    assert not split_families, f"families split between test and train/val: {sorted(split_families)[:5]}"
+    assert len(test) + len(rest) == 450 and len(set(test + rest)) == 450
     frac = sum(map(len, test)) / sum(map(len, test + rest))
-    assert 0.2 <= frac < 0.25
+    assert 0.2 <= frac < 0.3 and abs(frac - ood["residues_held_out_fraction"]) < 1e-6
+    s = m["sources"][0]
+    assert s["held_out_ood_records"] == len(test) and s["unique_records"] == 450
 
 
 # ----------------------------------------------------------------------------- output, round trip
-def test_no_output_left_behind_on_failure(tmp_path, monkeypatch, capsys):
+def test_no_output_left_behind_on_failure(tmp_path, capsys):
+    """A run that fails after work was written (the second file's last record is bad, so the first file's
+    buckets are already on disk) leaves neither the dataset nor its temporary directory."""
     src = write(tmp_path / "s.fa", fasta_text(rand_seqs(100, 13)))
-    calls = []
-
-    def failing_write(root, split, rows, rows_per_shard=8192):
-        calls.append(split)
-        if split == "val":  # train is already on disk by then
-            raise OSError(28, "No space left on device")
-        return real_write(root, split, rows, rows_per_shard)
-
-    real_write = shards.write_split
-    monkeypatch.setattr(shards, "write_split", failing_write)
-    with pytest.raises(UserError, match="No space left on device"):
-        prepare([src], tmp_path / "out", progress=False)
-    assert calls == ["train", "val"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.fa"]  # no out, no temporary sibling
-    monkeypatch.undo()
+    late = write(tmp_path / "late.fa", fasta_text(rand_seqs(300, 16), prefix="l") + ">broken\nMK1V\n")
+    with pytest.raises(UserError, match=r"late\.fa:\d+: invalid character '1'"):
+        prepare([src, late], tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late.fa", "s.fa"]  # no out, no temporary sibling
 
     # an existing output is refused without --overwrite and replaced with it
     rc, _, _ = run_cli(["--source", src, "--out", tmp_path / "out"], capsys)
@@ -287,7 +285,7 @@ def test_no_output_left_behind_on_failure(tmp_path, monkeypatch, capsys):
     rc, _, err = run_cli(["--source", src, "--out", tmp_path / "out", "--seed", "1", "--overwrite"], capsys)
     assert rc == 0, err
     assert shards.read_manifest(tmp_path / "out")["settings"]["seed"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s.fa"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late.fa", "out", "s.fa"]
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep")
     rc, _, err = run_cli(["--source", src, "--out", tmp_path / "precious", "--overwrite"], capsys)
@@ -310,12 +308,20 @@ def test_packed_rows_round_trip(tmp_path):
     seq_ends = set(np.flatnonzero(flat == EOS) + 1)
     row_ends = set(np.cumsum([int(s.sum()) for s in rows.seq_lens]))
     assert set(ends) <= seq_ends | row_ends and seq_ends <= set(ends)
-    # the bulk tokeniser/packer equals encode() + shards.pack()
-    raw = [s.encode() for s in seqs]
-    ref = shards.pack([encode(s) for s in seqs], 37)
-    got = pack_stream(tokenise_many(raw), np.array([len(s) + 2 for s in raw]), 37)
-    assert np.array_equal(ref.tokens, got.tokens)
-    assert len(ref.seq_lens) == len(got.seq_lens) and all(map(np.array_equal, ref.seq_lens, got.seq_lens))
+    # the one tokeniser/packer (bulk, array operations) equals a plain loop over encode()
+    raw = [s.upper().encode() for s in seqs]
+    got = pack_tokens(*encode_many(raw), 37)
+    stream = [t for s in seqs for t in encode(s)]
+    ref_rows = [stream[i:i + 37] for i in range(0, len(stream), 37)]
+    assert np.array_equal(got.tokens[:-1], np.array(ref_rows[:-1], dtype=np.uint8))
+    assert list(got.tokens[-1][:len(ref_rows[-1])]) == ref_rows[-1] and (got.tokens[-1][len(ref_rows[-1]):] == PAD).all()
+    bounds, at = [], 0
+    for s in seqs:  # segment ends: sequence ends and row ends
+        at += len(s) + 2
+        bounds.append(at)
+    cuts = sorted(set(bounds) | set(range(37, len(stream), 37)))
+    assert np.array_equal(np.cumsum(np.concatenate(got.seq_lens)), cuts)
+    assert np.array_equal(shards.pack([encode(s) for s in seqs], 37).tokens, got.tokens)
 
 
 def test_manifest_hash_stable_and_sensitive(tmp_path):
@@ -355,3 +361,17 @@ def test_bundled_demo_data(tmp_path, capsys):
     assert m["splits"]["val"]["sequences"] == 100 and m["seq_len"] == 256 and m["tokenizer"] == "esm2"
     with pytest.raises(UserError, match="--ood and --ood-clusters"):
         prepare([MAIN], tmp_path / "x", ood=OOD, ood_clusters=0.1)
+
+
+def test_buckets_bound_the_work_of_each_task(tmp_path):
+    """Hash partitioning sizes the buckets from the input, so the rows one task de-duplicates, packs and
+    writes stay near ``rows_per_shard`` however large the corpus (the memory figures are in
+    benchmarks/data_prepare.py); every bucket becomes one train shard, listed with its rows."""
+    m = prepare([MAIN], tmp_path / "out", seq_len=128, rows_per_shard=512, progress=False)
+    train = m["splits"]["train"]
+    rows = [s["rows"] for s in train["shards"]]
+    assert m["settings"]["buckets"] == len(rows) >= 20 and sum(rows) == train["rows"]
+    assert max(rows) <= 2 * 512 and min(rows) >= 512 // 4, rows
+    assert [s["file"] for s in train["shards"]] == train["files"] == sorted(train["files"])
+    reader = shards.SplitReader(tmp_path / "out", "train")
+    assert reader.n_rows == train["rows"] and reader.block_rows <= 1024

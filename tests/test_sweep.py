@@ -61,6 +61,35 @@ def test_dry_run_paper_grid_rows(capsys):
     assert any("15,602,416,687" in r for r in rows if r.startswith("clm-10B-1e21"))
 
 
+@pytest.mark.parametrize("space", ["paper_clm.py", "paper_mlm.py"])
+def test_dry_run_json_plans_every_paper_trial_into_an_80gb_gpu(space, capsys):
+    """Every trial of the paper's grids fits an 80 GB GPU by its memory plan, and --json has the keys."""
+    import json
+
+    assert main(["sweep", str(REPO / "search_spaces" / space), "--dry-run", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 147
+    keys = {"trial", "workers", "zero_stage", "micro_batch_rows", "accumulation", "activation_checkpointing",
+            "memory_gb_per_gpu", "gpu_hours"}
+    assert all(keys <= set(r) for r in rows)
+    assert all(0 < r["memory_gb_per_gpu"] <= 80 and r["gpu_hours"] > 0 for r in rows)
+    assert all(r["micro_batch_rows"] * r["accumulation"] * r["workers"] >= r["global_rows"] for r in rows)
+    big = [r for r in rows if r["size"] == "10B"]
+    assert all(r["workers"] > 1 and r["zero_stage"] >= 1 for r in big)     # 171 GB of model states
+    assert all(r["workers"] == 1 and r["zero_stage"] == 0 for r in rows if r["size"] == "85M")
+
+
+def test_a_trial_that_cannot_fit_its_gpus_is_a_one_line_validation_error(tmp_path, capsys):
+    space = tmp_path / "space.py"
+    space.write_text("from protscale.sweep.space import SearchSpace, Trial\n"
+                     "SPACE = SearchSpace('big', 'nowhere', [Trial('clm', '10B', 1e21), Trial('clm', '85M', 1e19)],\n"
+                     "                    gpus_per_trial=1, max_workers=1)\n")
+    assert main(["sweep", str(space), "--dry-run", "--gpu-memory", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "trial clm-10B-1e21-s0: does not fit a 16 GB GPU" in err and "--gpu-memory" in err
+    assert "clm-85M" not in err and "Traceback" not in err
+
+
 def test_transfer_grid_orders_parents_and_keeps_scratch_baselines():
     trials = transfer_grid(["tiny-3"], clm_budgets=[1e11], mlm_budgets=[5e10])
     names = [t.name for t in trials]

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from protscale.data.shards import read_split
+from protscale.data.shards import SplitReader, read_split
 from protscale.data.tokenizer import RESIDUE_IDS
 from protscale.tracking import contract as c
-from protscale.train.batches import Batches, clm_labels
+from protscale.train import recipe
+from protscale.train.batches import build_batch, clm_labels, segment_ids
 from protscale.train.config import TrialConfig
 from protscale.train.trial import run_trial
 
@@ -30,8 +31,9 @@ def _unigram_baseline(data, objective) -> float:
     """The validation loss of a model that knows the training split's token frequencies and nothing
     else: cross-entropy of the train unigram distribution on the validation targets of the objective."""
     def targets(split):
-        b = Batches(read_split(data, split), objective, 0)
-        labels = clm_labels(b.rows.tokens, b.doc_ids) if objective == "clm" else b.rows.tokens.astype(np.int64)
+        rows = read_split(data, split)
+        doc_ids = segment_ids(rows.seq_lens, rows.seq_len)[0]
+        labels = clm_labels(rows.tokens, doc_ids) if objective == "clm" else rows.tokens.astype(np.int64)
         labels = labels[labels != -100]
         return labels if objective == "clm" else labels[np.isin(labels, RESIDUE_IDS)]
     p = np.bincount(targets("train"), minlength=64) / targets("train").size
@@ -67,6 +69,10 @@ def test_tiny_trial_learns_and_follows_the_tracking_contract(ray_local, demo_dat
     last = max(tokens)
     assert last == steps and tokens[last] >= cfg.tokens_target * 0.95
     assert flops[last] == pytest.approx(6 * 147456 * tokens[last])
+    lr = dict(_history(client, result.run_id, c.LR))            # read from the optimizer at each step
+    assert sorted(lr) == list(range(1, steps + 1))
+    lr_max = float(run.data.params[c.LR_MAX])
+    assert all(lr[s] == pytest.approx(recipe.lr_at(s, steps, lr_max), rel=1e-6) for s in lr)
 
     val = dict(_history(client, result.run_id, c.VAL_LOSS))
     baseline = _unigram_baseline(demo_data, objective)
@@ -134,8 +140,9 @@ def test_transfer_weights_survive_deepspeeds_fp32_master_copies(demo_data, tmp_p
     donor = ProteinLM(ModelConfig.from_size(cfg.model_size, "clm")).state_dict()
     plan = Plan(cfg, 128, 1)
     engine = build_engine(cfg, plan, torch.device("cpu"), universal=False, initial=donor)
-    batches = Batches(read_split(demo_data, "train"), "mlm", 0)
-    loss = engine(**batches.make(np.arange(plan.micro_rows), (0, 1, 0, 0), torch.device("cpu")))
+    tokens, lens = SplitReader(demo_data, "train").rows(np.arange(plan.micro_rows))
+    batch = build_batch(tokens, lens, "mlm", [(0, 1, i) for i in range(plan.micro_rows)])
+    loss = engine(**{k: torch.from_numpy(v) for k, v in batch.items()})
     engine.backward(loss)
     engine.step()
     after = engine.module.state_dict()

@@ -5,19 +5,18 @@ frontier (primary) and from the parametric law (N_opt = G·(C/6)^{β/(α+β)}, G
 each with a 95% interval: the bootstrap samples stored in results.json are pushed through the same
 formula, percentile intervals taken per scheme (run-level, budget-blocked) and their hull reported.
 
-Transfer split (``transfer_split``, e.g. CLM pre-training then MLM): a model of size N spends a fraction
-f of the total budget C on the source objective (D_src = f·C/(6N) tokens) and the rest on the target
-(D_F = (1−f)·C/(6N) tokens). The target run is then worth a scratch run trained on
-
-    D_eff = D_F + min(k·D_F^a·N^b, η·D_src)
-
-tokens: the transfer law gives the credit a pre-trained start earns over D_F target tokens, and η, the
-transfer efficiency measured on the transfer runs (target tokens earned per pre-training token, median
-over runs; see ``transfer.fit_transfer``), caps it by what the pre-training actually paid for. The
-fitted law does not depend on how long the source was trained, so without a cap any sliver of
-pre-training would earn the full credit; with η ≤ 1 pre-training never beats spending the same compute
-on the target, and the answer is f = 0. (N, f) minimise the target's parametric law L(N, D_eff) over a
-grid (f from 0 to 0.95); f = 0 is training from scratch. Intervals: the same optimisation for paired
+Transfer split (``transfer_split``, e.g. CLM pre-training then MLM), as the transfer law defines it.
+The law D_t = k·D_F^a·N^b (``transfer.py``) says: a target run of size N initialised from a source model,
+after D_F target tokens, is worth a scratch run trained on D_eff = D_F + D_t tokens. It was measured on
+source models trained a certain way -- in the paper, each CLM parent was trained at the CLM compute-optimal
+budget for its size -- and it says nothing about other amounts of pre-training. So the split follows from
+the law and from that *source rule* (D_src = s·N^q tokens, fitted over the measured transfer runs and
+stored with the transfer fit as ``source_rule``): a model of size N costs C_src(N) = 6·N·D_src(N) of
+pre-training, the rest of the budget C trains the target, D_F = (C − C_src(N))/(6N), and N minimises the
+target's parametric law L(N, D_F + D_t). The source fraction is f = C_src(N)/C. Nothing caps D_t: the law
+is used as fitted (outside the sizes it was measured on, ``source_rule.n_range``, an extrapolation). The
+answer is compared with the target trained from scratch at the same total C (``scratch_loss``,
+``scratch_n``); ``transfer_pays`` says which is lower. Intervals: the same optimisation for paired
 bootstrap samples (parametric sample i with transfer sample i), per scheme, hull.
 
 A degenerate parametric law (α or β ≤ 0, non-finite parameters: ``parametric.degenerate_reason``) has no
@@ -32,8 +31,6 @@ import numpy as np
 
 from .parametric import degenerate_reason, optimal_n
 from .stats import hull, percentile_ci
-
-F_GRID = np.linspace(0.0, 0.95, 96)
 
 
 def _ci_hull(per_scheme: dict) -> list | None:
@@ -96,31 +93,39 @@ def compute_optimal(obj_res: dict, compute: float) -> dict:
     return out
 
 
-def _split_batch(E, A, B, al, be, logk, a, b, eta, C, n_center):
-    """Optimal (N, f, loss, scratch loss) for vectors of parameter sets (length S). Grid over N (log) × f."""
-    E, A, B, al, be, logk, a, b, eta = (np.atleast_1d(np.asarray(v, float))[:, None, None]
-                                        for v in (E, A, B, al, be, logk, a, b, eta))
-    lnN = np.log(n_center) + np.linspace(np.log(1 / 100), np.log(100), 161)
-    N = np.exp(lnN)[None, :, None]
-    f = F_GRID[None, None, :]
-    tok = C / (6 * N)
-    d_src, d_f = f * tok, (1 - f) * tok
+N_GRID = 241   # sizes tried per split: log-spaced over 1/100 … 100 × the scratch optimum
+
+
+def source_tokens(rule: dict, n):
+    """Tokens of source pre-training for a model of size ``n`` under the measured source rule D_src = s·N^q."""
+    return rule["coefficient"] * np.asarray(n, float) ** rule["exponent"]
+
+
+def _split_batch(E, A, B, al, be, logk, a, b, rule, C, n_center):
+    """Best (N, f, loss) with transfer and the best scratch (N, loss), for vectors of parameter sets (S,).
+
+    Grid over log N; at each N the source takes C_src(N) (the source rule), the target the rest."""
+    E, A, B, al, be, logk, a, b = (np.atleast_1d(np.asarray(v, float))[:, None] for v in (E, A, B, al, be, logk, a, b))
+    N = np.exp(np.log(n_center) + np.linspace(np.log(1 / 100), np.log(100), N_GRID))[None, :]
+    c_src = 6.0 * N * source_tokens(rule, N)
     with np.errstate(all="ignore"):
-        d_t = np.exp(logk) * d_f ** a * N ** b
-        d_eff = d_f + np.minimum(d_t, np.maximum(eta, 0.0) * d_src)
-        L = E + A / N ** al + B / d_eff ** be
-    L = np.where(np.isfinite(L), L, np.inf)
-    flat = L.reshape(L.shape[0], -1)
-    j = np.argmin(flat, axis=1)
-    iN, iF = np.unravel_index(j, L.shape[1:])
-    best_L = flat[np.arange(flat.shape[0]), j]
-    L0 = L[:, :, 0].min(1)   # scratch baseline (f = 0) at its own best N
+        d_f = (C - c_src) / (6.0 * N)
+        d_t = np.exp(logk) * np.where(d_f > 0, d_f, np.nan) ** a * N ** b
+        L = E + A / N ** al + B / (d_f + d_t) ** be
+        L0 = E + A / N ** al + B / (C / (6.0 * N)) ** be
+    L = np.where(np.isfinite(L) & (d_f > 0), L, np.inf)
+    L0 = np.where(np.isfinite(L0), L0, np.inf)
+    rows = np.arange(L.shape[0])
+    j, j0 = np.argmin(L, axis=1), np.argmin(L0, axis=1)
+    best, best0 = L[rows, j], L0[rows, j0]
+    n_best, f_best = N[0, j], (c_src[0, j] / C)
     # parameter sets without a compute-optimal size (α or β ≤ 0, ...) or with no finite loss give NaN
-    valid = (np.isfinite(optimal_n(A[:, 0, 0], B[:, 0, 0], al[:, 0, 0], be[:, 0, 0], C))
-             & np.isfinite(best_L) & np.isfinite(E[:, 0, 0]))
-    nan = np.full(valid.shape, np.nan)
-    return (np.where(valid, np.exp(lnN)[iN], nan), np.where(valid, F_GRID[iF], nan),
-            np.where(valid, best_L, nan), np.where(valid, L0, nan))
+    ok = np.isfinite(optimal_n(A[:, 0], B[:, 0], al[:, 0], be[:, 0], C)) & np.isfinite(E[:, 0])
+    t_ok = ok & np.isfinite(best)
+    nan = np.full(ok.shape, np.nan)
+    return {"n": np.where(t_ok, n_best, nan), "f": np.where(t_ok, f_best, nan), "loss": np.where(t_ok, best, nan),
+            "scratch_n": np.where(ok & np.isfinite(best0), N[0, j0], nan),
+            "scratch_loss": np.where(ok & np.isfinite(best0), best0, nan)}
 
 
 def transfer_split(results: dict, compute: float, *, target: str = "mlm", source: str = "clm") -> dict:
@@ -134,12 +139,13 @@ def transfer_split(results: dict, compute: float, *, target: str = "mlm", source
         raise KeyError(f"the results have no transfer fit for objective {target!r}")
     if tr.get("source_objectives") and source not in tr["source_objectives"]:
         raise KeyError(f"the transfer fit of {target!r} starts from {tr['source_objectives']}, not {source!r}")
-    if tr.get("efficiency") is None:
-        raise KeyError(f"the transfer fit of {target!r} has no transfer efficiency (the pre-training budget "
-                       "init_budget_flops of the transfer runs is unknown)")
     problem = degenerate_reason(par["best"])
     if problem:
         raise KeyError(f"the parametric fit of {target!r} is unusable: {problem}")
+    rule = tr.get("source_rule")
+    if not rule:
+        raise KeyError(f"the transfer fit of {target!r} has no source rule (the pre-training budget "
+                       "init_budget_flops of the transfer runs is unknown)")
     C = float(compute)
     if not (np.isfinite(C) and C > 0):
         raise KeyError(f"budget {compute!r} is not a positive number of FLOPs")
@@ -150,15 +156,18 @@ def transfer_split(results: dict, compute: float, *, target: str = "mlm", source
     bb = tr["b"] if tr.get("b") is not None else 0.0
     with np.errstate(all="ignore"):
         logk = np.log(tr["k"]) if tr["k"] is not None and tr["k"] > 0 else np.nan
-    N, f, L, L0 = _split_batch(bp["E"], bp["A"], bp["B"], bp["alpha"], bp["beta"], logk, tr["a"], bb,
-                               tr["efficiency"], C, n0)
-    if not np.isfinite(N[0]):
-        raise KeyError(f"no finite transfer split of {source!r} → {target!r} at C = {C:.3g} (degenerate fits)")
-    out = {"budget_flops": C, "source": source, "target": target, "n": float(N[0]), "source_fraction": float(f[0]),
-           "source_flops": float(f[0] * C), "target_flops": float((1 - f[0]) * C),
-           "source_tokens": float(f[0] * C / (6 * N[0])), "target_tokens": float((1 - f[0]) * C / (6 * N[0])),
-           "loss": float(L[0]), "scratch_loss": float(L0[0]), "efficiency": float(tr["efficiency"])}
-    per_n, per_f = {}, {}
+    r = _split_batch(bp["E"], bp["A"], bp["B"], bp["alpha"], bp["beta"], logk, tr["a"], bb, rule, C, n0)
+    if not np.isfinite(r["n"][0]):
+        raise KeyError(f"no finite transfer split of {source!r} → {target!r} at C = {C:.3g}: the budget does not "
+                       "cover the pre-training of any model size")
+    n, f = float(r["n"][0]), float(r["f"][0])
+    out = {"budget_flops": C, "source": source, "target": target, "n": n, "source_fraction": f,
+           "source_flops": f * C, "target_flops": (1 - f) * C,
+           "source_tokens": f * C / (6 * n), "target_tokens": (1 - f) * C / (6 * n),
+           "loss": float(r["loss"][0]), "scratch_loss": float(r["scratch_loss"][0]),
+           "scratch_n": float(r["scratch_n"][0]), "transfer_pays": bool(r["loss"][0] < r["scratch_loss"][0]),
+           "source_rule": rule}
+    per_n, per_f, per_gain = {}, {}, {}
     ps, ts = par.get("bootstrap_samples") or {}, tr.get("bootstrap_samples") or {}
     for scheme in ps:
         if scheme not in ts:
@@ -168,18 +177,15 @@ def transfer_split(results: dict, compute: float, *, target: str = "mlm", source
         if q.size == 0 or p.size == 0:
             continue
         q = q.reshape(q.shape[0], -1)
-        if q.shape[1] < 4:
+        if q.shape[1] < 3:
             continue
         m = min(len(p), len(q), 200)
-        res_n, res_f = [], []
-        for c0 in range(0, m, 50):
-            sl = slice(c0, min(m, c0 + 50))
-            Nb, fb, _, _ = _split_batch(*p[sl].T, q[sl, 0], q[sl, 1], q[sl, 2], q[sl, 3], C, n0)
-            res_n.append(Nb)
-            res_f.append(fb)
-        per_n[scheme], per_f[scheme] = np.concatenate(res_n), np.concatenate(res_f)
+        rb = _split_batch(*p[:m].T, q[:m, 0], q[:m, 1], q[:m, 2], rule, C, n0)
+        per_n[scheme], per_f[scheme] = rb["n"], rb["f"]
+        per_gain[scheme] = rb["scratch_loss"] - rb["loss"]
     out["n_ci95"] = _ci_hull(per_n) if per_n else None
     out["source_fraction_ci95"] = _ci_hull(per_f) if per_f else None
+    out["loss_gain_ci95"] = _ci_hull(per_gain) if per_gain else None
     return out
 
 

@@ -65,6 +65,8 @@ def add_commands(sub) -> None:
     pl.add_argument("--objective", choices=("clm", "mlm", "both"), required=True)
     pl.add_argument("--results", default="fit/results.json", metavar="FILE",
                     help="results.json of `protscale fit` (default: fit/results.json)")
+    pl.add_argument("--data", metavar="DIR", help="prepared dataset to train on: warn when the answer would repeat "
+                    "its unique tokens (manifest.json splits.train.tokens) beyond what repeated data is worth")
     pl.add_argument("--json", action="store_true", help="print the answer as JSON")
     pl.set_defaults(func=_plan)
 
@@ -129,6 +131,6 @@ def _plan(args) -> int:
     from .results import clean_json, load_results
 
     res = load_results(args.results)
-    p = plan(res, args.budget_flops, args.objective)
+    p = plan(res, args.budget_flops, args.objective, data=args.data)
     print(json.dumps(clean_json(p), indent=1) if args.json else format_plan(p))
     return 0

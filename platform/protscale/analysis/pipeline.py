@@ -232,7 +232,8 @@ def _parametric(obj: str, fp: pd.DataFrame, fp_all: pd.DataFrame, cfg: Config, p
         fit = parametric.fit_parametric(n, d, L, grid=cfg.parametric_grid, init=cfg.parametric_init,
                                         basin_rel_tol=cfg.basin_rel_tol)
         boot = parametric.bootstrap_parametric(n, d, L, pts["budget"].to_numpy(), fit, n_boot=cfg.n_boot_parametric,
-                                               seed=cfg.seed, progress=cfg.progress)
+                                               seed=cfg.seed, grid=cfg.parametric_grid, progress=cfg.progress,
+                                               basin_rel_tol=cfg.basin_rel_tol)
     except (FloatingPointError, np.linalg.LinAlgError, ValueError) as exc:
         return {"status": "skipped", "reason": f"objective {obj}: the parametric fit failed numerically: {exc}"}
     ci = parametric.summarize_bootstrap(boot)
@@ -272,6 +273,7 @@ def _parametric(obj: str, fp: pd.DataFrame, fp_all: pd.DataFrame, cfg: Config, p
         "allocation_exponent_ci95_budget": ci["allocation_exponent"]["budget"],
         "alpha_ci95": ci["alpha"]["ci95"], "beta_ci95": ci["beta"]["ci95"],
         "basins": fit.basins, "basin_rel_tol": cfg.basin_rel_tol,
+        "basin_spread": parametric.basin_spread(boot, len(fit.basins)),
         "from_init": fit.from_init,
         "rmse_log": float(np.sqrt(np.mean(resid ** 2))),
         "bootstrap": {"n_boot": cfg.n_boot_parametric, "seed": cfg.seed,

@@ -4,15 +4,58 @@ from __future__ import annotations
 
 from protscale.cli import UserError
 
-from . import allocation
+from . import allocation, repetition
 
 
 def _ci(iv, fmt="{:.3g}") -> str:
     return "n/a" if not iv else f"[{fmt.format(iv[0])}, {fmt.format(iv[1])}]"
 
 
-def plan(results: dict, budget_flops: float, objective: str) -> dict:
-    """Answer for ``objective`` in {"clm", "mlm", ...} or "both" (source pre-training then target)."""
+def unique_tokens(data_dir) -> float:
+    """Unique training tokens of a prepared dataset (its manifest's ``splits.train.tokens``)."""
+    from protscale.data.shards import read_manifest
+
+    tok = ((read_manifest(data_dir).get("splits") or {}).get("train") or {}).get("tokens")
+    if not tok or not float(tok) > 0:
+        raise UserError(f"{data_dir}/manifest.json has no splits.train.tokens: prepare the dataset again with "
+                        "`protscale data prepare`")
+    return float(tok)
+
+
+def repetition_warnings(results: dict, p: dict, unique: float) -> list[str]:
+    """Warnings for every phase of the answer that would repeat a dataset of ``unique`` tokens."""
+    objs = results.get("objectives") or {}
+    if p["objective"] == "both":
+        s = p["split"]
+        phases = [(s["source"], s["source_tokens"]), (s["target"], s["target_tokens"])]
+    else:
+        phases = [(p["objective"], (p.get(m) or {}).get("d")) for m in ("isoflop", "parametric")]
+    out = []
+    for obj, tokens in phases:
+        if not tokens or tokens <= unique:
+            continue
+        rep = (objs.get(obj) or {}).get("repetition") or {}
+        if rep.get("r_star"):
+            msg = repetition.repetition_warning(tokens, unique, rep["r_star"])
+        else:
+            msg = (f"{tokens:.3g} tokens repeat the {unique:.3g} unique tokens of the dataset {tokens / unique:.1f} "
+                   f"times, and the results have no fitted repetition law for {obj} to say what repeats are worth")
+        if msg and f"{obj}: {msg}" not in out:
+            out.append(f"{obj}: {msg}")
+    return out
+
+
+def plan(results: dict, budget_flops: float, objective: str, data=None) -> dict:
+    """Answer for ``objective`` in {"clm", "mlm", ...} or "both" (source pre-training then target); with
+    ``data`` (a prepared dataset) also warn when the answer would repeat its unique tokens."""
+    p = _plan(results, budget_flops, objective)
+    if data is not None:
+        p["unique_tokens"] = unique_tokens(data)
+        p["warnings"] = repetition_warnings(results, p, p["unique_tokens"])
+    return p
+
+
+def _plan(results: dict, budget_flops: float, objective: str) -> dict:
     if not budget_flops > 0:
         raise UserError("--budget-flops must be a positive number of FLOPs")
     objs = results.get("objectives") or {}
@@ -56,17 +99,24 @@ def format_plan(p: dict) -> str:
 
     if p["objective"] == "both":
         s = p["split"]
-        lines.append(f"  {s['source']} pre-training then {s['target']}, same model:")
+        rule = s.get("source_rule") or {}
+        lines.append(f"  {s['source']} pre-training then {s['target']}, same model (pre-training as in the measured "
+                     f"transfer runs: D_{s['source']} = {rule.get('coefficient', float('nan')):.3g}·"
+                     f"N^{rule.get('exponent', float('nan')):.3f} tokens):")
         lines.append(f"    N = {s['n']:.4g} {_ci(s.get('n_ci95'))}")
         lines.append(f"    {s['source']}: {100 * s['source_fraction']:.0f}% of C "
                      f"{_ci(s.get('source_fraction_ci95'), '{:.2f}')} = {s['source_flops']:.3g} FLOPs, "
                      f"{s['source_tokens']:.4g} tokens")
         lines.append(f"    {s['target']}: {s['target_flops']:.3g} FLOPs, {s['target_tokens']:.4g} tokens")
-        lines.append(f"    predicted {s['target']} loss {s['loss']:.4f} (from scratch at the same C: "
-                     f"{s['scratch_loss']:.4f})")
+        verdict = "pre-training pays" if s.get("transfer_pays") else "training from scratch is better"
+        lines.append(f"    predicted {s['target']} loss {s['loss']:.4f}; from scratch at the same C: "
+                     f"{s['scratch_loss']:.4f} at N = {s.get('scratch_n', float('nan')):.4g} ({verdict}; loss gain 95% "
+                     f"{_ci(s.get('loss_gain_ci95'), '{:.4f}')})")
         lines.append(f"  {s['target']} alone at C:")
         block("  ", p.get("target_alone"))
     else:
         block("", p)
     lines.append("  (95% intervals: hull of run-level and budget-blocked bootstrap)")
+    for w in p.get("warnings") or []:
+        lines.append(f"  warning: {w}")
     return "\n".join(lines)

@@ -118,6 +118,7 @@ def build_markdown(results: dict, plots: list[Path]) -> str:
                      x["n_starts"]]
                     for k, x in enumerate(par["basins"])]
             L += _table(["#", "E", "A", "B", "α", "β", "β/(α+β)", "objective", "grid starts"], rows)
+            L += _basin_spread(par)
             fi = par.get("from_init")
             if fi:
                 i, s, c = fi["init"], fi["scipy_default"], fi["converged"]
@@ -149,10 +150,14 @@ def build_markdown(results: dict, plots: list[Path]) -> str:
                          f"N^{_f(tr['b'] if tr['b'] is not None else 0, '.3f')}**; "
                          f"a 95% {_ci(tr['a_ci95'])}, b 95% {_ci(tr['b_ci95'])}; {tr['n_points']} points from "
                          f"{tr['n_runs']} runs; rmse(log D_t) {_f(tr['rmse_log'], '.3f')}.")
+                sr = tr.get("source_rule")
+                if sr:
+                    L.append(f"Sources of the measured runs: D_source = {sr['coefficient']:.3g}·N^{sr['exponent']:.3f} "
+                             f"tokens ({sr['n_runs']} runs); the law holds for sources trained that way.")
                 if tr.get("efficiency") is not None:
                     L.append(f"Transfer efficiency η (target tokens earned per pre-training token, at each run's last "
                              f"point where D_t is defined; median over runs) = {tr['efficiency']:.3f} "
-                             f"{_ci(tr.get('efficiency_ci95'))}.")
+                             f"{_ci(tr.get('efficiency_ci95'))} (a description of the runs, not used by the allocation).")
             else:
                 L.append(f"Not fitted: {tr.get('reason')}")
             L.append("")
@@ -187,21 +192,42 @@ def build_markdown(results: dict, plots: list[Path]) -> str:
                   f"Not computed: {t.get('reason')}.", ""]
             continue
         L += [f"## Allocation: {t['source'].upper()} pre-training → {t['target'].upper()}", "",
-              "Model of the split (`protscale.analysis.allocation`): the target run counts as a scratch run on "
-              "D_eff = D_F + min(k·D_F^a·N^b, η·D_source) tokens, η = transfer efficiency measured on the transfer "
-              "runs; (N, source fraction) minimise the target's parametric law. With η ≤ 1 pre-training never pays "
-              "at equal compute and the fraction is 0.", ""]
+              "Model of the split (`protscale.analysis.allocation`): a model of size N is pre-trained the way the "
+              "measured transfer runs' sources were (source rule below), the rest of the budget trains the target, "
+              "and the target counts as a scratch run on D_F + D_t tokens (the transfer law, uncapped); N minimises "
+              "the target's parametric law. The last columns compare with the target trained from scratch.", ""]
+        rule = (t["table"][0].get("source_rule") if t["table"] else None) or {}
+        if rule:
+            L += [f"Source rule: D_source = {rule['coefficient']:.3g}·N^{rule['exponent']:.3f} tokens, from "
+                  f"{rule['n_runs']} transfer run(s) with N in [{rule['n_range'][0]:.3g}, {rule['n_range'][1]:.3g}].", ""]
         rows = [[f"{a['budget_flops']:.0e}", f"{a['n']:.3g}", _ci(a.get("n_ci95"), "{:.3g}"),
                  f"{a['source_fraction']:.2f}", _ci(a.get("source_fraction_ci95"), "{:.2f}"),
-                 f"{a['source_tokens']:.3g}", f"{a['target_tokens']:.3g}", f"{a['loss']:.4f}", f"{a['scratch_loss']:.4f}"]
+                 f"{a['source_tokens']:.3g}", f"{a['target_tokens']:.3g}", f"{a['loss']:.4f}", f"{a['scratch_loss']:.4f}",
+                 _g(a.get("scratch_n"), "{:.3g}"), _ci(a.get("loss_gain_ci95"), "{:.4f}")]
                 for a in t["table"]]
         L += _table(["C", "N", "N 95%", f"{t['source']} fraction", "95%", f"{t['source']} tokens",
-                     f"{t['target']} tokens", "loss", "loss from scratch"], rows)
+                     f"{t['target']} tokens", "loss", "loss from scratch", "N from scratch", "loss gain 95%"], rows)
     if plots:
         L += ["## Plots", ""]
         for p in plots:
             L += [f"![{Path(p).stem}]({Path(p).name})", ""]
     return "\n".join(L) + "\n"
+
+
+def _basin_spread(par: dict) -> list[str]:
+    """Where the bootstrap replicates' optima fall: each replicate is refitted from the full grid."""
+    sp = par.get("basin_spread")
+    if not sp:
+        return []
+    L = ["Bootstrap replicates, each refitted from the full initialisation grid (pruned to the best starts after "
+         "a few iterations): share whose optimum has the (α, β) of each basin above (within 0.02), elsewhere, and "
+         "how many distinct basins lie within the basin tolerance of a replicate's own optimum:", ""]
+    rows = []
+    for scheme, v in sp.items():
+        near = ", ".join(f"{k}: {100 * x:.0f}%" for k, x in v["near_optimal_basins"].items())
+        rows.append([scheme, ", ".join(f"#{i + 1}: {100 * x:.0f}%" for i, x in enumerate(v["share_by_basin"])) or "n/a",
+                     f"{100 * v['share_other']:.0f}%", near])
+    return L + _table(["scheme", "in basin", "elsewhere", "near-optimal basins per replicate"], rows)
 
 
 def _empirical_table(iso: dict) -> list[str]:

@@ -74,9 +74,13 @@ def isoflop_points(n_exponent: float = 0.6, coef: float = 1e-4, budgets=(1e18, 3
 
 def transfer_runs(law: dict = LAW, k: float = 2e3, a: float = 0.2, b: float = 0.4, sizes=(3e7, 1e8, 3e8, 1e9),
                   budget_ratio_tokens: float = 20.0, pretrain_fraction: float = 0.2, points: int = 40,
-                  noise: float = 0.0, seed: int = 0, source: str = "clm", target: str = "mlm"):
+                  noise: float = 0.0, seed: int = 0, source: str = "clm", target: str = "mlm",
+                  source_rule: dict | None = None):
     """Scratch and initialised runs of ``target`` with D_t = k·D_F^a·N^b exactly: the initialised run at
-    D_F tokens has the scratch loss at D_F + D_t. Each size trains D = budget_ratio_tokens·N tokens."""
+    D_F tokens has the scratch loss at D_F + D_t. Each size trains D = budget_ratio_tokens·N tokens.
+
+    The source (pre-training) budget of a run is ``pretrain_fraction`` × its own budget, or with
+    ``source_rule`` {coefficient s, exponent q} 6·N·s·N^q FLOPs (D_src = s·N^q tokens)."""
     rng = np.random.default_rng(seed)
     runs, curves = [], []
     for n in sizes:
@@ -91,7 +95,8 @@ def transfer_runs(law: dict = LAW, k: float = 2e3, a: float = 0.2, b: float = 0.
                    "status": "completed", "kind": "trial"}
             if kind == "transfer":
                 row.update(init_from=f"{source}-parent-{n:.3g}", init_objective=source,
-                           init_budget_flops=pretrain_fraction * C)
+                           init_budget_flops=(pretrain_fraction * C if source_rule is None else
+                                              6 * n * source_rule["coefficient"] * n ** source_rule["exponent"]))
             runs.append(row)
             curves.append(pd.DataFrame({"run_id": rid, "step": np.arange(1, points + 1), "tokens": t,
                                         "flops": 6 * n * t, "loss": L}))

@@ -18,6 +18,13 @@ Per run, points are taken at up to ``points_per_run`` log-spaced token counts fr
 the run's tokens to its end. The law D_t = k·D_F^a·N^b is fitted by least squares in log space
 (b is left out, NaN, when all pairs share one N). Bootstrap: run-level (transfer runs resampled with
 all their points: points of one run are strongly correlated) and budget-blocked (budgets resampled).
+
+The law holds for sources trained the way the measured ones were, so the fit also records that *source
+rule*: the source tokens D_src = init_budget_flops / (6N) of the transfer runs as a power law of N,
+D_src = s·N^q (q = 1 when all runs share one N). In the paper each CLM parent sits on the CLM
+compute-optimal frontier for its size (e.g. 85M from 5.2e18 FLOPs, 470M from 1e20), and
+``allocation.transfer_split`` prices pre-training with this rule. ``efficiency`` (D_t at a run's last
+point over its source tokens) is reported as a description of the runs only: it is no part of the law.
 """
 
 from __future__ import annotations
@@ -201,6 +208,7 @@ def fit_transfer(points: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, pai
         "rmse_log": float(np.sqrt(np.mean(resid ** 2))),
     }
     res["efficiency"] = float(np.median(eta[np.isfinite(eta)])) if np.isfinite(eta).any() else None
+    res["source_rule"] = source_rule(pairs or [])
     for name in ("a", "b", "eta"):
         r_ci = percentile_ci(boot["run"][name])
         b_ci = percentile_ci(boot["budget"][name])
@@ -210,6 +218,21 @@ def fit_transfer(points: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, pai
         res[f"{key}_ci95"] = hull(r_ci, b_ci)
     res["_boot"] = boot
     return res
+
+
+def source_rule(pairs: list[dict]) -> dict | None:
+    """How the measured runs' sources were trained: D_src = coefficient·N^exponent (least squares in logs
+    over the transfer runs with a known source budget; exponent 1 when they share one size)."""
+    pts = [(p["n_params"], p["d_source"]) for p in pairs if p.get("d_source") and p.get("n_params")]
+    if not pts:
+        return None
+    n, d = (np.array(v, float) for v in zip(*pts))
+    if np.unique(np.round(np.log(n), 6)).size >= 2:
+        q, logs = np.polyfit(np.log(n), np.log(d), 1)
+    else:
+        q, logs = 1.0, float(np.median(np.log(d / n)))
+    return {"coefficient": float(np.exp(logs)), "exponent": float(q), "n_runs": len(pts),
+            "n_range": [float(n.min()), float(n.max())]}
 
 
 def _weighted_medians(values: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -13,6 +13,8 @@ per line or per character, which keeps it near the speed of decompression.
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,31 +64,86 @@ def _describe_byte(b: int) -> str:
     return f"byte 0x{b:02x}"
 
 
-def open_fasta(path: str | Path) -> BinaryIO:
-    """Open a FASTA file, transparently decompressing gzip. Raises FastaError with a one-line reason."""
-    p = Path(path)
+class Digest:
+    """The sha256 and size of the raw bytes (compressed, as stored) seen by a reader, filled as it reads."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self.bytes = 0
+
+    def update(self, data: bytes) -> None:
+        self._h.update(data)
+        self.bytes += len(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._h.hexdigest()
+
+
+class _Raw(io.RawIOBase):
+    """A file object over ``fh`` that feeds every byte read into ``digest``; ``head`` was read already."""
+
+    def __init__(self, fh, head: bytes, digest: Digest):
+        self._fh, self._head, self._digest = fh, head, digest
+        digest.update(head)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self._head:
+            n = min(len(b), len(self._head))
+            b[:n], self._head = self._head[:n], self._head[n:]
+            return n
+        data = self._fh.read(len(b))
+        self._digest.update(data)
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        try:
+            self._fh.close()
+        finally:
+            super().close()
+
+
+def open_fasta(path: str | Path, fs=None, digest: Digest | None = None) -> BinaryIO:
+    """Open a FASTA file (local path, or ``path`` in the pyarrow filesystem ``fs``), transparently
+    decompressing gzip. Raises FastaError with a one-line reason."""
+    name = str(path)
     try:
-        raw = open(p, "rb")
+        if fs is None:
+            raw = open(Path(path), "rb")
+        else:
+            import pyarrow.fs as pafs
+
+            info = fs.get_file_info(str(path))
+            if info.type == pafs.FileType.NotFound:
+                raise FileNotFoundError(name)
+            if info.type == pafs.FileType.Directory:
+                raise IsADirectoryError(name)
+            raw = fs.open_input_stream(str(path))
     except FileNotFoundError:
-        raise FastaError(f"{path}: no such file") from None
+        raise FastaError(f"{name}: no such file") from None
     except IsADirectoryError:
-        raise FastaError(f"{path}: is a directory, not a FASTA file") from None
+        raise FastaError(f"{name}: is a directory, not a FASTA file") from None
     except PermissionError:
-        raise FastaError(f"{path}: permission denied") from None
+        raise FastaError(f"{name}: permission denied") from None
     except OSError as exc:
-        raise FastaError(f"{path}: cannot open: {exc.strerror or exc}") from None
+        raise FastaError(f"{name}: cannot open: {exc.strerror or str(exc).splitlines()[0]}") from None
     try:
-        head = raw.peek(8)[:8] if hasattr(raw, "peek") else b""
+        head = raw.read(8)
     except OSError as exc:
         raw.close()
-        raise FastaError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if head.startswith(GZIP_MAGIC):
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
-    for magic, name in _OTHER_MAGIC.items():
+        raise FastaError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    for magic, kind in _OTHER_MAGIC.items():
         if head.startswith(magic):
             raw.close()
-            raise FastaError(f"{path}: looks like {name} data; expected FASTA text or gzip-compressed FASTA")
-    return raw
+            raise FastaError(f"{name}: looks like {kind} data; expected FASTA text or gzip-compressed FASTA")
+    stream = io.BufferedReader(_Raw(raw, head, digest or Digest()), buffer_size=CHUNK_SIZE)
+    if head.startswith(GZIP_MAGIC):
+        return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[return-value]
+    return stream  # type: ignore[return-value]
 
 
 def _chunks(path: str, fh: BinaryIO, chunk_size: int) -> Iterator[bytes]:
@@ -110,14 +167,16 @@ def _raise(problem: Problem) -> None:
 
 
 def read_fasta(path: str | Path, on_invalid: Callable[[Problem], None] | None = None,
-               chunk_size: int = CHUNK_SIZE) -> Iterator[Record]:
+               chunk_size: int = CHUNK_SIZE, *, fs=None, digest: Digest | None = None,
+               name: str | None = None) -> Iterator[Record]:
     """Yield the valid records of ``path`` in order.
 
     Each invalid record is passed to ``on_invalid`` (default: raise FastaError) and not yielded; a callback
-    that returns normally skips it.
+    that returns normally skips it. ``fs``: a pyarrow filesystem holding ``path`` (default: local);
+    ``digest`` collects the sha256 of the raw bytes; ``name``: the file in messages (default ``path``).
     """
     report = on_invalid or _raise
-    name = str(path)
+    name = name or str(path)
     line = 1  # line number of the header that starts ``pending`` (once the first header was seen)
     started = False
     pending = b"\n"  # before the first header: an artificial newline, so the first '>' matches b"\n>"
@@ -133,7 +192,7 @@ def read_fasta(path: str | Path, on_invalid: Callable[[Problem], None] | None = 
             if rec is not None:
                 yield rec
 
-    with open_fasta(path) as fh:
+    with open_fasta(path, fs, digest) as fh:
         for block in _chunks(name, fh, chunk_size):
             pending += block
             cut = pending.rfind(b"\n>")

@@ -1,28 +1,37 @@
 """``protscale data prepare``: FASTA(.gz) sources -> validated, de-duplicated, mixed, split, tokenised,
-packed Parquet shards plus ``manifest.json`` (see ``shards.py`` for the format).
+packed Parquet shards plus ``manifest.json`` (see ``shards.py`` for the format), as a Ray Data pipeline.
 
-Pipeline (deterministic given ``seed``):
+Nothing holds the corpus in one process; every stage works on a bounded piece of it:
 
-1. Read every source (streaming; see ``fasta.py``), validating each record; exact de-duplication across
-   sources in the order given (a sequence belongs to the first source it appears in).
-2. OOD test split: a separate ``ood`` FASTA (de-duplicated within itself and against the sources; what
-   overlaps the sources is dropped from the test set), or, with ``ood_clusters`` and ``mmseqs`` on PATH,
-   whole ``mmseqs easy-cluster`` clusters (at ``min_seq_id``) holding that fraction of residues; else none.
-3. Mixing: each source's weight is its share of the residues used; the largest mix that repeats nothing
-   is taken (the scarcest source relative to its weight is used in full, the others are downsampled by a
-   random subset of whole sequences).
-4. IID validation: a random subset of the mixed sequences (``val_fraction``, at least ``val_min`` when
-   the input allows); the rest is train, so train follows the weights.
-5. ``tokenizer.encode`` each sequence, ``shards.pack`` into rows of ``seq_len``, ``shards.write_split``.
+1. **Read** (one Ray Data task per file, streaming records in batches): validate (``fasta.py``: the first
+   invalid record stops the run with its ``FILE:LINE``, or is skipped and counted), hash each sequence
+   (64-bit BLAKE2b) and give it a bucket: ``hash % n_buckets``.
+2. **De-duplicate** by hash partitioning: Ray Data's ``groupby("bucket").map_groups`` brings every copy
+   of a sequence to the same task, which keeps the first occurrence (sources in the order given, then
+   the ``--ood`` file) comparing the sequences themselves, and writes its unique rows to one intermediate
+   Parquet file. A bucket holds about ``rows_per_shard`` rows' worth of residues, so memory per task is
+   bounded whatever the corpus size; the shuffle spills through Ray's object store.
+3. **OOD test split**: the ``--ood`` file's unique sequences not found in any source; or with
+   ``--ood-clusters``, whole ``mmseqs easy-cluster`` clusters holding that fraction of the residues
+   (mmseqs reads one FASTA streamed from the buckets); else none.
+4. **Mix and split**, decided in each bucket from the sequence hashes alone (deterministic given ``seed``;
+   the driver only hands out per-source fractions): each source uses ``target / available`` of its
+   residues, taken in hash order (the scarcest source relative to its weight is used in full, so
+   nothing repeats), and that fraction of the used sequences that gives ``val_fraction`` (at least
+   ``val_min``) goes to IID validation. Per bucket this is exact to one sequence.
+5. **Tokenise and pack** each bucket's splits (``packing.py``) into ``<split>/part-<bucket>.parquet``.
 
-Everything is written into a temporary sibling of the output directory that is renamed into place at the
-end; on any failure it is removed, so there is never a half-written dataset.
+Outputs go to a local path or a URI (``s3://``, ``gs://``; see ``storage.py``). A local dataset is built
+in a temporary sibling directory and renamed into place; a remote one is written under its prefix with the
+intermediate files in a temporary prefix. Either way ``manifest.json`` is written last, and readers refuse
+a directory without it, so a failed or interrupted run never leaves a dataset that looks complete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import secrets
@@ -32,23 +41,25 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from ..cli import UserError
 from . import shards
-from .fasta import Problem, read_fasta
-from .tokenizer import CLS, EOS, PAD, TOKEN_ID, VALID_RESIDUES, VOCAB_SIZE
+from .storage import Location, is_uri, locate
+from .tokenizer import VOCAB_SIZE
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TOKENIZER = "esm2"
-OOD_METHODS = ("source", "clusters", "none")
 FIRST_PROBLEMS = 5  # rejected-record locations kept per source
-PROGRESS_EVERY_S = 5.0
-
+READ_BATCH_RESIDUES = 4 << 20  # a read task emits a batch per ~4M residues
+RESIDUES_PER_COMPRESSED_BYTE = 1.7  # estimate for gzip FASTA (1.0 for plain text), to size the buckets
+MAX_BUCKETS = 1 << 16  # ~8M tokens each at the defaults: 0.5T tokens before buckets grow
+MAX_PARTITIONS = 2048  # shuffle partitions (a task de-duplicates the few buckets of one)
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 
 
@@ -60,7 +71,7 @@ class Source:
 
 
 def parse_source(spec: str) -> Source:
-    """``PATH[:WEIGHT]``; a suffix that is not a number belongs to the path."""
+    """``PATH[:WEIGHT]``; a suffix that is not a number belongs to the path (so ``s3://b/x`` is a path)."""
     path, sep, tail = spec.rpartition(":")
     if sep and path:
         try:
@@ -75,134 +86,284 @@ def _as_source(s) -> Source:
         return s
     if isinstance(s, (tuple, list)):
         return Source(str(s[0]), float(s[1]))
-    return parse_source(str(s)) if not Path(str(s)).exists() else Source(str(s), 1.0)
+    return parse_source(str(s)) if not (is_uri(s) or Path(str(s)).exists()) else Source(str(s), 1.0)
 
 
 def _display_path(path: str) -> str:
     """The path recorded in the manifest: bundled files by name, so the hash does not depend on where
     the package is installed; everything else as given."""
-    try:
-        p = Path(path).resolve()
-        if p.parent == BUNDLED_DIR:
-            return f"bundled:{p.name}"
-    except OSError:
-        pass
+    if not is_uri(path):
+        try:
+            p = Path(path).resolve()
+            if p.parent == BUNDLED_DIR:
+                return f"bundled:{p.name}"
+        except OSError:
+            pass
     return str(path)
 
 
-def _sha256(path: str) -> tuple[str, int]:
-    h = hashlib.sha256()
-    n = 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-            n += len(block)
-    return h.hexdigest(), n
+# ------------------------------------------------------------------------------------ hashing helpers
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
-# ------------------------------------------------------------------------------------------ progress
-class _Progress:
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.t0 = time.monotonic()
-        self.last = self.t0
-        self.records = 0
-        self.residues = 0
-
-    def say(self, msg: str) -> None:
-        if self.enabled:
-            print(f"data prepare: {msg}", file=sys.stderr, flush=True)
-
-    def tick(self, label: str, records: int, residues: int) -> None:
-        now = time.monotonic()
-        if self.enabled and now - self.last >= PROGRESS_EVERY_S:
-            self.last = now
-            dt = max(now - self.t0, 1e-9)
-            self.say(f"{label}: {records:,} records, {residues / 1e6:.1f}M residues "
-                     f"({(self.records + records) / dt:,.0f} records/s, "
-                     f"{(self.residues + residues) / dt / 1e6:.2f}M residues/s overall)")
+def seq_hash(seq: bytes) -> int:
+    """64-bit identity of a sequence (bucket, sampling); de-duplication still compares the bytes."""
+    return int.from_bytes(hashlib.blake2b(seq, digest_size=8).digest(), "little")
 
 
-# ------------------------------------------------------------------------------------------- reading
-@dataclass
-class _SourceData:
-    path: str
-    weight: float
-    display: str = ""
-    sha256: str = ""
-    bytes: int = 0
-    records: int = 0
-    residues: int = 0
-    duplicates: int = 0
-    duplicate_residues: int = 0
-    overlap_with_sources: int = 0  # OOD file only: records dropped because a source holds them
-    held_out: int = 0  # OOD clusters: unique records / residues moved to the test split
-    held_out_residues: int = 0
-    rejected: Counter = field(default_factory=Counter)
-    first_problems: list[str] = field(default_factory=list)
-    seqs: list[bytes] = field(default_factory=list)  # unique (first occurrence), valid
-
-    @property
-    def n_rejected(self) -> int:
-        return sum(self.rejected.values())
+def uniform(h: np.ndarray, seed: int, stream: int) -> np.ndarray:
+    """A deterministic number in [0, 1) per sequence hash, independent across (seed, stream)."""
+    with np.errstate(over="ignore"):
+        salt = np.uint64((seed * 0x9E3779B97F4A7C15 + stream * 0xD6E8FEB86659FD93) % (1 << 64))
+        z = np.asarray(h, dtype=np.uint64) ^ salt
+        z = (z ^ (z >> np.uint64(30))) * _M1  # splitmix64 finaliser
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def _read_source(src: _SourceData, seen: set[bytes], on_invalid: str, progress: _Progress,
-                 exclude: set[bytes] | None = None) -> None:
-    """Fill ``src`` from its file. Sequences in ``seen`` are duplicates; in ``exclude``, overlaps."""
-    src.display = _display_path(src.path)
+# ------------------------------------------------------------------------------------- Ray plumbing
+def connect_ray(address: str | None = None, progress: bool = True):
+    """Use the Ray this process is connected to; else join ``address`` / ``$RAY_ADDRESS``; else start a
+    local one (with the dashboard, which trials started later in the same process rely on)."""
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        ray.init(address=address, include_dashboard=None if address else True, logging_level="WARNING")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ctx.print_on_execution_start = progress
+    ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED  # tasks, no actors
+    logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.ERROR)
+    return ray
+
+
+def _user_error(exc: BaseException) -> UserError | None:
+    """The ``UserError`` raised inside a Ray task, found under the exception Ray Data re-raises (whose
+    own text is a remote traceback)."""
+    from ray.exceptions import RayError
+
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError) and not isinstance(e, RayError):
+            return type(e)(str(e).strip().splitlines()[0])  # Ray Data appends lines about retries
+        stack.extend([e.__context__, e.__cause__, getattr(e, "cause", None)])
+    return None
+
+
+def _run(fn):
+    """Run a Ray Data execution. A problem with the input (a ``UserError`` raised in a task) comes back
+    as that one line: Ray Data's own error log of the failed task, a traceback, is silenced meanwhile;
+    any other error is re-raised as it came."""
+    log = logging.getLogger("ray.data")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
     try:
-        src.sha256, src.bytes = _sha256(src.path)
-    except OSError:
-        pass  # read_fasta gives the one-line reason
-    name = Path(src.path).name
-
-    def skip(problem: Problem) -> None:
-        src.records += 1
-        src.rejected[problem.kind] += 1
-        if len(src.first_problems) < FIRST_PROBLEMS:
-            src.first_problems.append(str(problem))
-
-    records = residues = 0
-    for rec in read_fasta(src.path, skip if on_invalid == "skip" else None):
-        records += 1
-        n = len(rec.seq)
-        residues += n
-        if exclude is not None and rec.seq in exclude:
-            src.overlap_with_sources += 1
-        elif rec.seq in seen:
-            src.duplicates += 1
-            src.duplicate_residues += n
-        else:
-            seen.add(rec.seq)
-            src.seqs.append(rec.seq)
-        if not records & 1023:
-            progress.tick(name, records, residues)
-    src.records += records
-    src.residues += residues
-    progress.records += records
-    progress.residues += residues
-    if src.bytes == 0 and src.records == 0:
-        raise UserError(f"{src.path}: empty file (no FASTA records)")
-    if not src.seqs and not src.overlap_with_sources and not src.duplicates:
-        what = f"all {src.n_rejected} records are invalid" if src.n_rejected else "no FASTA records"
-        raise UserError(f"{src.path}: {what}")
+        return fn()
+    except Exception as exc:
+        err = _user_error(exc)
+        if err is not None:
+            raise err from None
+        raise
+    finally:
+        log.setLevel(level)
 
 
-# ---------------------------------------------------------------------------------------- OOD clusters
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+# ----------------------------------------------------------------------------------- 1. read (tasks)
+def _read_files(batch: dict, *, inputs: list[tuple], n_buckets: int, on_invalid: str) -> Iterator:
+    """Ray Data UDF: for each file index in ``batch``, stream its records as Arrow tables of (bucket, src,
+    ord, seq, h), then one row with ``bucket = -1`` whose ``seq`` is the file's statistics as JSON."""
+    import pyarrow as pa
+
+    from .fasta import Digest, read_fasta
+
+    for i in batch["file"]:
+        i = int(i)
+        fs, path, name = inputs[i]
+        digest, rejected, first = Digest(), Counter(), []
+
+        def skip(problem) -> None:
+            rejected[problem.kind] += 1
+            if len(first) < FIRST_PROBLEMS:
+                first.append(str(problem))
+
+        seqs, hashes = [], []
+        n_records = n_residues = pending = start = 0
+        for rec in read_fasta(path, skip if on_invalid == "skip" else None, fs=fs, digest=digest, name=name):
+            seqs.append(rec.seq)
+            hashes.append(seq_hash(rec.seq))
+            pending += len(rec.seq)
+            if pending >= READ_BATCH_RESIDUES:
+                yield _records_table(pa, i, start, seqs, hashes, n_buckets)
+                n_records, n_residues = n_records + len(seqs), n_residues + pending
+                start += len(seqs)
+                seqs, hashes, pending = [], [], 0
+        n_records, n_residues = n_records + len(seqs), n_residues + pending
+        if seqs:
+            yield _records_table(pa, i, start, seqs, hashes, n_buckets)
+        stats = {"file": i, "node": _node_id(), "records": n_records + sum(rejected.values()), "residues": n_residues,
+                 "sha256": digest.sha256, "bytes": digest.bytes, "rejected": dict(rejected), "first": first}
+        yield pa.table({"bucket": pa.array([-1], pa.int32()), "src": pa.array([i], pa.int32()),
+                        "ord": pa.array([-1], pa.int64()), "seq": pa.array([json.dumps(stats).encode()]),
+                        "h": pa.array([0], pa.uint64())})
+
+
+def _records_table(pa, src: int, start: int, seqs: list[bytes], hashes: list[int], n_buckets: int):
+    h = np.array(hashes, dtype=np.uint64)
+    return pa.table({"bucket": pa.array((h % np.uint64(n_buckets)).astype(np.int32)),
+                     "src": pa.array(np.full(len(seqs), src, np.int32)),
+                     "ord": pa.array(np.arange(start, start + len(seqs), dtype=np.int64)),
+                     "seq": pa.array(seqs, pa.binary()), "h": pa.array(h)})
+
+
+# --------------------------------------------------------------------------------- 2. de-duplicate
+def _dedup_bucket(table, *, work: Location, n_files: int, ood_index: int):
+    """Ray Data ``map_groups`` UDF for one bucket: keep the first occurrence of every sequence, write the
+    unique rows (sorted by hash) to ``work/bucket-<b>.parquet``, return one JSON note of counts. The
+    group of ``bucket = -1`` holds the read tasks' file statistics and is passed through as notes."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    b = int(table["bucket"][0].as_py())
+    if b < 0:
+        return pa.table({"note": table["seq"]})
+    table = table.sort_by([("seq", "ascending"), ("src", "ascending"), ("ord", "ascending")])
+    seq = table["seq"].combine_chunks()
+    src = table["src"].to_numpy()
+    n = len(seq)
+    first = np.ones(n, dtype=bool)
+    if n > 1:
+        first[1:] = pc.not_equal(seq.slice(1), seq.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    lengths = pc.binary_length(seq).to_numpy().astype(np.int64)
+    owner = src[np.maximum.accumulate(np.where(first, np.arange(n), 0))]  # src of each row's first copy
+    dup = ~first
+    overlap = dup & (src == ood_index) & (owner != ood_index)  # an OOD record that a source also holds
+    plain = dup & ~overlap
+    keep = table.filter(pa.array(first)).select(["src", "h", "seq"]).sort_by("h")
+    path = work.join(f"bucket-{b:05d}.parquet")
+    pq.write_table(keep, path.path, filesystem=work.fs, compression="zstd")
+    kept_src = src[first]
+    note = {"bucket": b, "node": _node_id(), "rows": int(first.sum()),
+            "unique": np.bincount(kept_src, minlength=n_files).tolist(),
+            "unique_residues": np.bincount(kept_src, lengths[first], minlength=n_files).astype(int).tolist(),
+            "duplicates": np.bincount(src[plain], minlength=n_files).tolist(),
+            "duplicate_residues": np.bincount(src[plain], lengths[plain], minlength=n_files).astype(int).tolist(),
+            "overlap": int(overlap.sum())}
+    return pa.table({"note": pa.array([json.dumps(note).encode()])})
+
+
+# -------------------------------------------------------------------------- 5. split, pack, write
+@dataclass
+class _Plan:
+    """Everything a bucket needs to place its sequences: decided on the driver from the counts."""
+
+    seed: int
+    seq_len: int
+    keep_prob: list[float]  # per source: the fraction of its available residues the mix uses
+    val_prob: float  # the fraction of the used sequences that goes to validation
+    ood_index: int  # source index of the --ood file (-1: none)
+    held_out: np.ndarray  # sorted hashes of the sequences in held-out clusters (--ood-clusters)
+
+
+def _split_bucket(batch: dict, *, work: Location, out: Location, plan: _Plan, n_files: int):
+    """Ray Data UDF: read one bucket's unique rows, give each a split, tokenise, pack, and write
+    ``<split>/part-<bucket>.parquet``; returns one JSON note per split written."""
+    import pyarrow.parquet as pq
+
+    from .packing import tokenise_pack, write_shard
+
+    notes = []
+    for b in batch["bucket"]:
+        b = int(b)
+        table = pq.read_table(work.join(f"bucket-{b:05d}.parquet").path, filesystem=work.fs)
+        src = table["src"].to_numpy()
+        h = table["h"].to_numpy()
+        seqs = table["seq"].to_pylist()
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        test = src == plan.ood_index
+        if plan.held_out.size:
+            test |= np.isin(h, plan.held_out)
+        used = _mix(src, lengths, uniform(h, plan.seed, 2), ~test, plan.keep_prob)
+        val = np.zeros_like(used)
+        cand = np.flatnonzero(used)
+        val[cand[np.argsort(uniform(h[cand], plan.seed, 3), kind="stable")][:round(plan.val_prob * cand.size)]] = True
+        order = np.argsort(uniform(h, plan.seed, 4), kind="stable")  # a shuffled, reproducible row order
+        for split, mask in (("train", used & ~val), ("val", val), ("test", test)):
+            idx = order[mask[order]]
+            if not idx.size:
+                continue
+            rows = tokenise_pack([seqs[i] for i in idx], plan.seq_len)
+            name = f"{split}/part-{b:05d}.parquet"
+            if not out.remote:
+                Path(out.join(split).path).mkdir(parents=True, exist_ok=True)
+            write_shard(out.fs, out.join(name).path, rows)
+            notes.append({"split": split, "bucket": b, "node": _node_id(), "file": name, "rows": len(rows),
+                          "sequences": int(idx.size), "residues": int(lengths[idx].sum()),
+                          "used": np.bincount(src[idx], minlength=n_files).tolist(),
+                          "source_residues": np.bincount(src[idx], lengths[idx], minlength=n_files)
+                          .astype(int).tolist()})
+    return {"note": [json.dumps(n).encode() for n in notes] or [b""]}
+
+
+def _mix(src: np.ndarray, lengths: np.ndarray, u: np.ndarray, eligible: np.ndarray,
+         keep: list[float]) -> np.ndarray:
+    """Which rows of one bucket the mix uses: per source, the fraction ``keep`` of its residues, as the
+    rows first in the hash order ``u`` (a row counts if its middle fits). Exact per bucket up to one
+    sequence, so over all buckets the shares match the weights without any global coordination."""
+    used = np.zeros(src.size, dtype=bool)
+    for i in np.unique(src[eligible]):
+        rows = np.flatnonzero(eligible & (src == i))
+        p = keep[i] if i < len(keep) else 0.0
+        if p >= 1.0:
+            used[rows] = True
+        elif p > 0.0:
+            rows = rows[np.argsort(u[rows], kind="stable")]
+            mid = np.cumsum(lengths[rows]) - lengths[rows] / 2.0
+            used[rows[mid <= p * lengths[rows].sum()]] = True
+    return used
+
+
+# ---------------------------------------------------------------------------------------- 3. OOD clusters
 def mmseqs_available() -> bool:
     return shutil.which("mmseqs") is not None
 
 
-def _mmseqs_clusters(seqs: Sequence[bytes], min_seq_id: float, threads: int) -> np.ndarray:
-    """Cluster label (index of the representative) per sequence, from ``mmseqs easy-cluster``."""
+def _cluster_hold_out(work: Location, buckets: list[int], fraction: float, min_seq_id: float, seed: int,
+                      n_files: int, progress) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Whole ``mmseqs easy-cluster`` clusters holding ``fraction`` of the residues, chosen in a seeded
+    random order. Returns (sorted held-out hashes, held-out records per source, residues per source, info).
+    mmseqs reads one FASTA streamed from the bucket files (it is the one single-machine step)."""
+    import pyarrow.parquet as pq
+
     with tempfile.TemporaryDirectory(prefix="protscale-mmseqs-") as tmp:
         fasta = Path(tmp) / "in.fasta"
+        hs, lens, srcs = [], [], []
         with open(fasta, "wb") as f:
-            for i, s in enumerate(seqs):
-                f.write(b">s%d\n%s\n" % (i, s))
+            for b in buckets:
+                t = pq.read_table(work.join(f"bucket-{b:05d}.parquet").path, filesystem=work.fs)
+                h = t["h"].to_numpy()
+                seqs = t["seq"].to_pylist()
+                base = sum(len(x) for x in hs)
+                f.write(b"".join(b">s%d\n%s\n" % (base + j, s) for j, s in enumerate(seqs)))
+                hs.append(h)
+                lens.append(np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs)))
+                srcs.append(t["src"].to_numpy())
+        h, lengths, src = np.concatenate(hs), np.concatenate(lens), np.concatenate(srcs)
+        progress(f"clustering {h.size:,} sequences with mmseqs easy-cluster --min-seq-id {min_seq_id}")
         cmd = ["mmseqs", "easy-cluster", str(fasta), str(Path(tmp) / "res"), str(Path(tmp) / "work"),
-               "--min-seq-id", str(min_seq_id), "--threads", str(threads), "-v", "1"]
+               "--min-seq-id", str(min_seq_id), "--threads", str(os.cpu_count() or 1), "-v", "1"]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True)
         except OSError as exc:
@@ -210,50 +371,33 @@ def _mmseqs_clusters(seqs: Sequence[bytes], min_seq_id: float, threads: int) -> 
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise UserError(f"mmseqs easy-cluster failed (exit {proc.returncode}): {tail[0]}")
-        label = np.full(len(seqs), -1, dtype=np.int64)
         tsv = Path(tmp) / "res_cluster.tsv"
         if not tsv.is_file():
             raise UserError("mmseqs easy-cluster wrote no res_cluster.tsv")
+        label = np.full(h.size, -1, dtype=np.int64)
         for row in tsv.read_text().splitlines():
             if row:
                 rep, member = row.split("\t")[:2]
                 label[int(member[1:])] = int(rep[1:])
     if (label < 0).any():
         raise UserError(f"mmseqs easy-cluster left {int((label < 0).sum())} sequences unclustered")
-    return label
-
-
-def _hold_out_clusters(sources: list[_SourceData], fraction: float, min_seq_id: float,
-                       rng: np.random.Generator, progress: _Progress) -> tuple[list[bytes], dict]:
-    """Remove whole clusters holding ``fraction`` of the residues from the sources; return them."""
-    allseqs = [s for src in sources for s in src.seqs]
-    owner = np.concatenate([np.full(len(src.seqs), i) for i, src in enumerate(sources)])
-    lengths = np.fromiter((len(s) for s in allseqs), dtype=np.int64, count=len(allseqs))
-    progress.say(f"clustering {len(allseqs):,} sequences with mmseqs easy-cluster "
-                 f"--min-seq-id {min_seq_id}")
-    label = _mmseqs_clusters(allseqs, min_seq_id, threads=os.cpu_count() or 1)
     reps, inverse = np.unique(label, return_inverse=True)
     cluster_res = np.bincount(inverse, weights=lengths, minlength=reps.size)
-    order = rng.permutation(reps.size)
+    order = np.random.default_rng([seed, 1]).permutation(reps.size)
     cum = np.cumsum(cluster_res[order])
     n_clusters = int(np.searchsorted(cum, fraction * lengths.sum(), side="left")) + 1
     n_clusters = min(n_clusters, reps.size - 1)  # always leave something to train on
     held = np.zeros(reps.size, dtype=bool)
     held[order[:n_clusters]] = True
     is_test = held[inverse]
-    test = [allseqs[i] for i in np.flatnonzero(is_test)]
-    for i, src in enumerate(sources):
-        mine = np.flatnonzero(owner == i)
-        src.held_out = int(is_test[mine].sum())
-        src.held_out_residues = int(lengths[mine][is_test[mine]].sum())
-        src.seqs = [allseqs[j] for j in mine[~is_test[mine]]]
     info = {"method": "clusters", "tool": "mmseqs easy-cluster", "min_seq_id": min_seq_id,
             "fraction": fraction, "clusters": int(reps.size), "clusters_held_out": n_clusters,
             "residues_held_out_fraction": round(float(cluster_res[held].sum() / lengths.sum()), 6)}
-    return test, info
+    return (np.sort(h[is_test]), np.bincount(src[is_test], minlength=n_files),
+            np.bincount(src[is_test], lengths[is_test], minlength=n_files).astype(np.int64), info)
 
 
-# ------------------------------------------------------------------------------------------- mixing
+# -------------------------------------------------------------------------------------------- mixing
 def mix_targets(residues: Sequence[int], weights: Sequence[float]) -> list[float]:
     """Residues to use per source: shares proportional to ``weights``, as many as possible without
     repeating any source (the one with the least residues per unit weight is used in full)."""
@@ -262,17 +406,6 @@ def mix_targets(residues: Sequence[int], weights: Sequence[float]) -> list[float
     active = w > 0
     total = float(np.min(r[active] * w[active].sum() / w[active]))
     return [float(total * wi / w[active].sum()) if wi > 0 else 0.0 for wi in w]
-
-
-def _take(seqs: list[bytes], target: float, rng: np.random.Generator) -> tuple[list[bytes], list[bytes]]:
-    """A random subset of whole sequences whose residues are closest to ``target``; (used, dropped)."""
-    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-    if target >= lengths.sum() - 0.5:
-        return seqs, []
-    order = rng.permutation(len(seqs))
-    mid = np.cumsum(lengths[order]) - lengths[order] / 2.0  # include a sequence if its middle fits
-    k = int(np.searchsorted(mid, target, side="right"))
-    return [seqs[i] for i in order[:k]], [seqs[i] for i in order[k:]]
 
 
 def n_val_for(n: int, val_fraction: float, val_min: int) -> int:
@@ -285,52 +418,6 @@ def n_val_for(n: int, val_fraction: float, val_min: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------- output
-def _split_stats(rows: shards.PackedRows, seqs: Sequence[bytes], files: list[str]) -> dict:
-    residues = sum(len(s) for s in seqs)
-    return {"sequences": len(seqs), "residues": residues, "tokens": residues + 2 * len(seqs),
-            "rows": len(rows), "files": files}
-
-
-# ``bytes.translate`` table equivalent to ``tokenizer.encode`` for validated residues (either case), with
-# two sentinel bytes that become <cls> and <eos>: one C-level pass tokenises a whole split.
-_CLS_BYTE, _EOS_BYTE = b"\x00", b"\x01"
-_TABLE = bytearray(range(256))
-for _c in VALID_RESIDUES:
-    _TABLE[ord(_c)] = _TABLE[ord(_c.lower())] = TOKEN_ID[_c]
-_TABLE[_CLS_BYTE[0]], _TABLE[_EOS_BYTE[0]] = CLS, EOS
-_TABLE = bytes(_TABLE)
-
-
-def tokenise_many(seqs: Sequence[bytes]) -> np.ndarray:
-    """The concatenation of ``encode(s)`` for every (validated) sequence, as one uint8 array."""
-    if not seqs:
-        return np.zeros(0, dtype=np.uint8)
-    text = _CLS_BYTE + (_EOS_BYTE + _CLS_BYTE).join(seqs) + _EOS_BYTE
-    return np.frombuffer(text.translate(_TABLE), dtype=np.uint8)
-
-
-def pack_stream(stream: np.ndarray, lengths: np.ndarray, seq_len: int) -> shards.PackedRows:
-    """``shards.pack`` of sequences already concatenated in ``stream`` (segment ``lengths`` in tokens):
-    the same rows and ``seq_lens``, computed with array operations instead of a loop per sequence."""
-    total = int(stream.size)
-    n_rows = -(-total // seq_len)
-    tokens = np.full(n_rows * seq_len, PAD, dtype=np.uint8)
-    tokens[:total] = stream
-    if total == 0:
-        return shards.PackedRows(tokens.reshape(0, seq_len), [])
-    ends = np.cumsum(np.asarray(lengths, dtype=np.int64))
-    cuts = np.union1d(ends, np.arange(seq_len, total, seq_len, dtype=np.int64))  # sorted, unique
-    starts = np.concatenate(([0], cuts[:-1]))
-    seg = (cuts - starts).astype(np.int32)
-    per_row = np.bincount(starts // seq_len, minlength=n_rows)
-    return shards.PackedRows(tokens.reshape(n_rows, seq_len), np.split(seg, np.cumsum(per_row)[:-1]))
-
-
-def _tokenise_pack(seqs: Sequence[bytes], seq_len: int) -> shards.PackedRows:
-    lengths = np.fromiter((len(s) + 2 for s in seqs), dtype=np.int64, count=len(seqs))
-    return pack_stream(tokenise_many(seqs), lengths, seq_len)
-
-
 def manifest_hash(manifest: dict) -> str:
     """sha256 of the canonical JSON of everything but ``hash`` (and the in-memory ``_run`` timings)."""
     body = {k: v for k, v in manifest.items() if k != "hash" and not k.startswith("_")}
@@ -338,20 +425,20 @@ def manifest_hash(manifest: dict) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if not out.exists() and not out.is_symlink():
+def _check_out(out: Location, overwrite: bool) -> None:
+    if not out.exists():
         return
     if not overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")
-    if not out.is_dir():
+    if not out.remote and not Path(out.path).is_dir():
         raise UserError(f"{out}: exists and is not a directory; not overwriting it")
-    if not (out / shards.MANIFEST).is_file() and any(out.iterdir()):
+    if not out.join(shards.MANIFEST).is_file() and out.listdir():
         raise UserError(f"{out}: not a prepared dataset (no {shards.MANIFEST}) and not empty; "
                         "not overwriting it")
 
 
 def _install(tmp: Path, out: Path, overwrite: bool) -> None:
-    _check_out(out, overwrite)
+    """Local output: rename the finished temporary directory into place (replacing an old dataset)."""
     if out.exists():
         old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
         os.replace(out, old)
@@ -361,189 +448,265 @@ def _install(tmp: Path, out: Path, overwrite: bool) -> None:
         os.replace(tmp, out)
 
 
+def _n_buckets(inputs: list[Location], seq_len: int, rows_per_shard: int) -> int:
+    """Buckets (= shards of the train split) so that one holds about ``rows_per_shard`` packed rows."""
+    est = 0.0
+    for loc in inputs:
+        info = loc.info()
+        if info.type == pafs.FileType.NotFound:
+            raise UserError(f"{loc}: no such file")
+        if info.type == pafs.FileType.Directory:
+            raise UserError(f"{loc}: is a directory, not a FASTA file")
+        size = info.size or 0
+        est += size * (RESIDUES_PER_COMPRESSED_BYTE if str(loc).endswith(".gz") else 1.0)
+    return int(min(MAX_BUCKETS, max(1, math.ceil(est / (seq_len * rows_per_shard)))))
+
+
 # ---------------------------------------------------------------------------------------------- API
 def prepare(sources: Sequence[Source | str | tuple], out: str | Path, *, ood: str | Path | None = None,
             ood_clusters: float | None = None, min_seq_id: float = 0.5, val_fraction: float = 0.01,
             val_min: int = 100, seq_len: int = 1024, seed: int = 0, on_invalid: str = "error",
-            overwrite: bool = False, progress: bool = True, rows_per_shard: int = 8192) -> dict:
-    """Prepare a dataset in ``out``; returns the manifest (also written as ``out/manifest.json``).
+            overwrite: bool = False, progress: bool = True, rows_per_shard: int = 8192,
+            address: str | None = None) -> dict:
+    """Prepare a dataset in ``out`` (a path or URI); returns the manifest (also ``out/manifest.json``).
 
-    ``sources``: ``Source``s, ``(path, weight)`` pairs or ``"PATH[:WEIGHT]"`` strings.
-    Raises ``protscale.cli.UserError`` for any problem with the input or the arguments.
+    ``sources``: ``Source``s, ``(path, weight)`` pairs or ``"PATH[:WEIGHT]"`` strings (paths or URIs).
+    Runs on the Ray this process is connected to, else on ``address`` / ``$RAY_ADDRESS``, else on a new
+    local one. Raises ``protscale.cli.UserError`` for any problem with the input or the arguments.
     """
     t0 = time.monotonic()
     srcs = [_as_source(s) for s in sources]
-    out = Path(out)
-    _validate_args(srcs, out, ood, ood_clusters, min_seq_id, val_fraction, val_min, seq_len, on_invalid,
+    out_loc = locate(out)
+    _validate_args(srcs, out_loc, ood, ood_clusters, min_seq_id, val_fraction, val_min, seq_len, on_invalid,
                    overwrite)
-    prog = _Progress(progress)
 
-    # 1. read, validate, de-duplicate
-    seen: set[bytes] = set()
-    data = [_SourceData(s.path, s.weight) for s in srcs]
-    for d in data:
-        _read_source(d, seen, on_invalid, prog)
-    ood_data = None
-    if ood is not None:
-        ood_data = _SourceData(str(ood), 0.0)
-        _read_source(ood_data, set(), on_invalid, prog, exclude=seen)
-        if not ood_data.seqs:
-            raise UserError(f"{ood}: every OOD sequence also occurs in the sources; no test set left")
-    rejected = sum(d.n_rejected for d in data) + (ood_data.n_rejected if ood_data else 0)
-    if rejected:
-        firsts = [p for d in data + ([ood_data] if ood_data else []) for p in d.first_problems]
-        kinds = Counter()
-        for d in data + ([ood_data] if ood_data else []):
-            kinds.update(d.rejected)
-        print(f"data prepare: skipped {rejected:,} invalid records ("
-              + ", ".join(f"{k}: {v:,}" for k, v in sorted(kinds.items())) + "); first: "
-              + "; ".join(firsts[:FIRST_PROBLEMS]), file=sys.stderr, flush=True)
+    def say(msg: str) -> None:
+        if progress:
+            print(f"data prepare: {msg}", file=sys.stderr, flush=True)
 
-    timings = {"read": time.monotonic() - t0}
-    # 2. OOD test split
-    if ood_data is not None:
-        test = list(ood_data.seqs)
-        ood_info = {"method": "source", **_source_entry(ood_data, include_mix=False)}
-        ood_info["overlap_with_sources_dropped"] = ood_data.overlap_with_sources
-    elif ood_clusters is not None:
-        test, ood_info = _hold_out_clusters(data, ood_clusters, min_seq_id,
-                                            np.random.default_rng([seed, 1]), prog)
+    paths = [s.path for s in srcs] + ([str(ood)] if ood is not None else [])
+    inputs = [locate(p) for p in paths]
+    n_files = len(inputs)
+    ood_index = len(srcs) if ood is not None else -1
+    n_buckets = _n_buckets(inputs, seq_len, rows_per_shard)
+    ray = connect_ray(address, progress)
+
+    # Where the pieces go: local -> a temporary sibling renamed at the end; remote -> under the prefix.
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    if out_loc.remote:
+        if out_loc.exists():  # --overwrite (checked): first make it stop looking like a dataset
+            out_loc.join(shards.MANIFEST).remove()
+            for name in out_loc.listdir():
+                out_loc.join(name).remove()
+        build = out_loc
+        # Intermediate files under the bucket's root: deleting them leaves no directory marker behind.
+        bucket, scheme = out_loc.path.split("/")[0], out_loc.uri.split("://")[0]
+        work = Location(out_loc.fs, f"{bucket}/.protscale-tmp-{token}", f"{scheme}://{bucket}/.protscale-tmp-{token}")
     else:
-        test, ood_info = [], {"method": "none", "note": "no --ood source and no --ood-clusters: no test "
-                                                        "split; training logs no test loss"}
-
-    timings["ood"] = time.monotonic() - t0 - sum(timings.values())
-    # 3. mixing
-    avail = [sum(len(s) for s in d.seqs) for d in data]
-    for d, a in zip(data, avail):
-        if d.weight > 0 and a == 0:
-            raise UserError(f"{d.path}: no sequences left after de-duplication"
-                            + (" and OOD hold-out" if ood_clusters else "")
-                            + f"; cannot give it weight {d.weight:g}")
-    targets = mix_targets(avail, [d.weight for d in data])
-    pool: list[bytes] = []
-    owner: list[int] = []
-    used: list[list[bytes]] = []
-    for i, (d, target) in enumerate(zip(data, targets)):
-        u, _ = _take(d.seqs, target, np.random.default_rng([seed, 2, i]))
-        used.append(u)
-        pool.extend(u)
-        owner.extend([i] * len(u))
-
-    # 4. IID validation out of the mix
-    rng = np.random.default_rng([seed, 3])
-    order = rng.permutation(len(pool))
-    n_val = n_val_for(len(pool), val_fraction, val_min)
-    if len(pool) - n_val < 1:
-        raise UserError("too few sequences to make a training split")
-    is_val = np.zeros(len(pool), dtype=bool)
-    is_val[order[:n_val]] = True
-    val = [pool[i] for i in order[:n_val]]
-    train = [pool[i] for i in order[n_val:]]
-    test = [test[i] for i in np.random.default_rng([seed, 4]).permutation(len(test))]
-    owner_arr = np.asarray(owner, dtype=np.int64)
-    pool_len = np.fromiter((len(s) for s in pool), dtype=np.int64, count=len(pool))
-    train_res = np.bincount(owner_arr[~is_val], weights=pool_len[~is_val], minlength=len(data))
-    val_res = np.bincount(owner_arr[is_val], weights=pool_len[is_val], minlength=len(data))
-
-    splits = {"train": train, "val": val}
-    if test:
-        splits["test"] = test
-
-    timings["mix_split"] = time.monotonic() - t0 - sum(timings.values())
-    # 5. tokenise, pack, write (into a temporary sibling, renamed into place at the end)
-    prog.say(f"tokenising and packing {sum(len(v) for v in splits.values()):,} sequences "
-             f"into rows of {seq_len}")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        build = locate(Path(out_loc.path).parent / f".{out_loc.name}.tmp-{token}")
+        work = build.join(f"_buckets-{token}")
+    timings: dict[str, float] = {}
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        split_info = {}
-        for name, seqs in splits.items():
-            t1 = time.monotonic()
-            rows = _tokenise_pack(seqs, seq_len)
-            t2 = time.monotonic()
-            files = shards.write_split(tmp, name, rows, rows_per_shard=rows_per_shard)
-            timings["tokenise_pack"] = timings.get("tokenise_pack", 0.0) + t2 - t1
-            timings["write"] = timings.get("write", 0.0) + time.monotonic() - t2
-            split_info[name] = _split_stats(rows, seqs, files)
-            del rows
-        total_train = float(train_res.sum())
-        w_active = sum(d.weight for d in data if d.weight > 0)
-        sources_info = []
-        for i, d in enumerate(data):
-            e = _source_entry(d)
-            e.update({
-                "records_used": len(used[i]),
-                "residues_used": int(sum(len(s) for s in used[i])),
-                "residues_dropped_by_mixing": int(avail[i] - sum(len(s) for s in used[i])),
-                "train_residues": int(train_res[i]),
-                "val_residues": int(val_res[i]),
-                "target_share": (d.weight / w_active) if d.weight > 0 else 0.0,
-                "train_share": round(float(train_res[i] / total_train), 6) if total_train else 0.0,
-            })
-            if ood_clusters is not None:
-                e["held_out_ood_records"] = d.held_out
-                e["held_out_ood_residues"] = d.held_out_residues
-            sources_info.append(e)
-        all_data = data + ([ood_data] if ood_data else [])
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "tokenizer": TOKENIZER,
-            "vocab_size": VOCAB_SIZE,
-            "seq_len": seq_len,
-            "settings": {"seed": seed, "val_fraction": val_fraction, "val_min": val_min,
-                         "on_invalid": on_invalid, "rows_per_shard": rows_per_shard},
-            "sources": sources_info,
-            "ood": ood_info,
-            "splits": split_info,
-            "totals": {
-                "records": sum(d.records for d in all_data),
-                "records_rejected": sum(d.n_rejected for d in all_data),
-                "duplicates_dropped": sum(d.duplicates + d.overlap_with_sources for d in all_data),
-                "unique_sequences": len(seen) + (len(ood_data.seqs) if ood_data else 0),
-                "sequences": sum(s["sequences"] for s in split_info.values()),
-                "residues": sum(s["residues"] for s in split_info.values()),
-                "tokens": sum(s["tokens"] for s in split_info.values()),
-                "rows": sum(s["rows"] for s in split_info.values()),
-            },
-        }
-        manifest["hash"] = manifest_hash(manifest)
-        (tmp / shards.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _install(tmp, out, overwrite)
-    except OSError as exc:  # disk full, permissions, ...: one line, nothing left behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"{out}: cannot write the dataset: {exc.strerror or exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not out_loc.remote:  # object stores have no directories (and need no marker objects)
+            build.mkdir()
+            work.mkdir()
+        manifest = _pipeline(ray, srcs, inputs, n_files, ood_index, n_buckets, build, work, out_loc,
+                             ood_clusters=ood_clusters, min_seq_id=min_seq_id, val_fraction=val_fraction,
+                             val_min=val_min, seq_len=seq_len, seed=seed, on_invalid=on_invalid,
+                             rows_per_shard=rows_per_shard, say=say, timings=timings, t0=t0)
+        work.remove()
+        build.join(shards.MANIFEST).write_bytes((json.dumps(manifest, indent=2) + "\n").encode())
+        if not out_loc.remote:
+            _install(Path(build.path), Path(out_loc.path), overwrite)
+    except BaseException as exc:
+        try:  # nothing half-written stays behind
+            if out_loc.remote:
+                work.remove()
+                build.remove()
+            else:
+                shutil.rmtree(build.path, ignore_errors=True)
+        except Exception:
+            pass
+        if isinstance(exc, OSError):  # disk full, permissions, ...: one line
+            raise UserError(f"{out}: cannot write the dataset: {exc.strerror or exc}") from exc
         raise
     # In memory only (not in the file, not in the hash): wall time per stage.
-    manifest["_run"] = {"elapsed_s": time.monotonic() - t0, "stages_s": timings}
+    nodes = timings.pop("nodes", [])
+    manifest["_run"] = {"elapsed_s": time.monotonic() - t0, "stages_s": timings, "nodes": nodes}
     return manifest
 
 
-def _source_entry(d: _SourceData, include_mix: bool = True) -> dict:
-    e = {
-        "path": d.display,
-        "sha256": d.sha256,
-        "bytes": d.bytes,
-        "records": d.records,
-        "residues": d.residues,
-        "duplicates_dropped": d.duplicates,
-        "duplicate_residues_dropped": d.duplicate_residues,
-        "records_rejected": d.n_rejected,
-        "rejected_by_kind": dict(sorted(d.rejected.items())),
-        "rejected_first": list(d.first_problems),
-        "unique_records": len(d.seqs) + d.held_out,
-        "unique_residues": int(sum(len(s) for s in d.seqs)) + d.held_out_residues,
+def _pipeline(ray, srcs, inputs, n_files, ood_index, n_buckets, build: Location, work: Location,
+              out_loc: Location, *, ood_clusters, min_seq_id, val_fraction, val_min, seq_len, seed,
+              on_invalid, rows_per_shard, say, timings, t0) -> dict:
+    # 1-2. read + validate in parallel, hash-partition, de-duplicate per bucket
+    say(f"reading {n_files} file(s) into {n_buckets} hash bucket(s)")
+    names = [str(s.path) for s in srcs] + ([str(inputs[-1])] if ood_index >= 0 else [])
+    files = ray.data.from_items([{"file": i} for i in range(n_files)], override_num_blocks=n_files)
+    records = files.map_batches(
+        _read_files, batch_size=1, batch_format="numpy",
+        fn_kwargs={"inputs": [(loc.fs, loc.path, name) for loc, name in zip(inputs, names)],
+                   "n_buckets": n_buckets, "on_invalid": on_invalid})
+    deduped = records.groupby("bucket", num_partitions=min(n_buckets + 1, MAX_PARTITIONS)).map_groups(
+        _dedup_bucket, batch_format="pyarrow",
+        fn_kwargs={"work": work, "n_files": n_files, "ood_index": ood_index})
+    notes = [json.loads(r["note"]) for r in _run(deduped.take_all)]
+    timings["read_dedup"] = time.monotonic() - t0
+    file_stats = {n["file"]: n for n in notes if "file" in n}
+    buckets = [n for n in notes if "bucket" in n]
+    unique = np.sum([n["unique"] for n in buckets], axis=0) if buckets else np.zeros(n_files, int)
+    unique_res = np.sum([n["unique_residues"] for n in buckets], axis=0) if buckets else np.zeros(n_files, int)
+    dups = np.sum([n["duplicates"] for n in buckets], axis=0) if buckets else np.zeros(n_files, int)
+    dup_res = np.sum([n["duplicate_residues"] for n in buckets], axis=0) if buckets else np.zeros(n_files, int)
+    overlap = sum(n["overlap"] for n in buckets)
+    for i, loc in enumerate(inputs):
+        st = file_stats[i]
+        if st["bytes"] == 0:
+            raise UserError(f"{names[i]}: empty file (no FASTA records)")
+        if st["records"] == sum(st["rejected"].values()):
+            what = f"all {st['records']} records are invalid" if st["records"] else "no FASTA records"
+            raise UserError(f"{names[i]}: {what}")
+    rejected = sum(sum(s["rejected"].values()) for s in file_stats.values())
+    if rejected:
+        kinds = Counter()
+        for s in file_stats.values():
+            kinds.update(s["rejected"])
+        firsts = [p for i in range(n_files) for p in file_stats[i]["first"]]
+        print(f"data prepare: skipped {rejected:,} invalid records ("
+              + ", ".join(f"{k}: {v:,}" for k, v in sorted(kinds.items())) + "); first: "
+              + "; ".join(firsts[:FIRST_PROBLEMS]), file=sys.stderr, flush=True)
+    if ood_index >= 0 and unique[ood_index] == 0:
+        raise UserError(f"{names[ood_index]}: every OOD sequence also occurs in the sources; no test set left")
+
+    # 3. OOD test split
+    n_src = len(srcs)
+    held = np.zeros(0, dtype=np.uint64)
+    held_n, held_res = np.zeros(n_files, np.int64), np.zeros(n_files, np.int64)
+    if ood_index >= 0:
+        ood_info = {"method": "source", **_source_entry(names[ood_index], None, file_stats[ood_index],
+                                                        unique[ood_index], unique_res[ood_index],
+                                                        dups[ood_index], dup_res[ood_index])}
+        ood_info["overlap_with_sources_dropped"] = overlap
+    elif ood_clusters is not None:
+        held, held_n, held_res, ood_info = _cluster_hold_out(
+            work, [n["bucket"] for n in buckets if n["rows"]], ood_clusters, min_seq_id, seed, n_files, say)
+    else:
+        ood_info = {"method": "none", "note": "no --ood source and no --ood-clusters: no test split; "
+                                              "training logs no test loss"}
+    timings["ood"] = time.monotonic() - t0 - sum(timings.values())
+
+    # 4. mixing and validation, as per-sequence probabilities
+    avail = (unique_res - held_res)[:n_src]
+    avail_n = (unique - held_n)[:n_src]
+    for s, a in zip(srcs, avail):
+        if s.weight > 0 and a == 0:
+            raise UserError(f"{s.path}: no sequences left after de-duplication"
+                            + (" and OOD hold-out" if ood_clusters else "") + f"; cannot give it weight {s.weight:g}")
+    targets = mix_targets(avail, [s.weight for s in srcs])
+    keep = [min(1.0, t / a) if a else 0.0 for t, a in zip(targets, avail)]
+    n_mix = float(np.dot(keep, avail_n))
+    n_val = n_val_for(int(round(n_mix)), val_fraction, val_min)
+    plan = _Plan(seed=seed, seq_len=seq_len, keep_prob=keep, val_prob=n_val / n_mix if n_mix else 0.0,
+                 ood_index=ood_index, held_out=held)
+
+    # 5. split, tokenise, pack, write
+    say(f"mixing, splitting, tokenising and packing into rows of {seq_len}")
+    todo = [n["bucket"] for n in buckets if n["rows"]]
+    parts = ray.data.from_items([{"bucket": b} for b in todo], override_num_blocks=max(1, len(todo)))
+    written = parts.map_batches(_split_bucket, batch_size=1, batch_format="numpy",
+                                fn_kwargs={"work": work, "out": build, "plan": plan, "n_files": n_files})
+    shard_notes = [json.loads(r["note"]) for r in _run(written.take_all) if r["note"]]
+    timings["split_pack_write"] = time.monotonic() - t0 - sum(timings.values())
+
+    split_info, used, used_res = {}, np.zeros(n_files, np.int64), {}
+    for split in shards.SPLITS:
+        mine = sorted((n for n in shard_notes if n["split"] == split), key=lambda n: n["bucket"])
+        if not mine:
+            continue
+        seqs = sum(n["sequences"] for n in mine)
+        res = sum(n["residues"] for n in mine)
+        split_info[split] = {"sequences": seqs, "residues": res, "tokens": res + 2 * seqs,
+                             "rows": sum(n["rows"] for n in mine), "files": [n["file"] for n in mine],
+                             "shards": [{"file": n["file"], "rows": n["rows"]} for n in mine],
+                             "row_group_rows": _row_group_rows()}
+        used_res[split] = np.sum([n["source_residues"] for n in mine], axis=0)
+        if split != "test":
+            used += np.sum([n["used"] for n in mine], axis=0)
+    if "train" not in split_info:
+        raise UserError("too few sequences to make a training split")
+    train_res = used_res["train"]
+    val_res = used_res.get("val", np.zeros(n_files, np.int64))
+    total_train = float(train_res[:n_src].sum())
+    w_active = sum(s.weight for s in srcs if s.weight > 0)
+    sources_info = []
+    for i, s in enumerate(srcs):
+        e = _source_entry(names[i], s.weight, file_stats[i], unique[i], unique_res[i], dups[i], dup_res[i])
+        r_used = int(train_res[i] + val_res[i])
+        e.update({"records_used": int(used[i]), "residues_used": r_used,
+                  "residues_dropped_by_mixing": int(avail[i] - r_used),
+                  "train_residues": int(train_res[i]), "val_residues": int(val_res[i]),
+                  "target_share": (s.weight / w_active) if s.weight > 0 else 0.0,
+                  "train_share": round(float(train_res[i] / total_train), 6) if total_train else 0.0})
+        if ood_clusters is not None:
+            e["held_out_ood_records"] = int(held_n[i])
+            e["held_out_ood_residues"] = int(held_res[i])
+        sources_info.append(e)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": TOKENIZER,
+        "vocab_size": VOCAB_SIZE,
+        "seq_len": seq_len,
+        "settings": {"seed": seed, "val_fraction": val_fraction, "val_min": val_min, "on_invalid": on_invalid,
+                     "rows_per_shard": rows_per_shard, "buckets": n_buckets,
+                     "row_group_rows": _row_group_rows()},
+        "sources": sources_info,
+        "ood": ood_info,
+        "splits": split_info,
+        "totals": {
+            "records": sum(file_stats[i]["records"] for i in range(n_files)),
+            "records_rejected": rejected,
+            "duplicates_dropped": int(dups.sum()) + overlap,
+            "unique_sequences": int(unique.sum()),
+            "sequences": sum(s["sequences"] for s in split_info.values()),
+            "residues": sum(s["residues"] for s in split_info.values()),
+            "tokens": sum(s["tokens"] for s in split_info.values()),
+            "rows": sum(s["rows"] for s in split_info.values()),
+        },
     }
-    if include_mix:
-        e = {"path": e.pop("path"), "weight": d.weight, **e}
+    manifest["hash"] = manifest_hash(manifest)
+    timings["nodes"] = sorted({n["node"] for n in notes + shard_notes})  # where tasks ran (not saved)
+    return manifest
+
+
+def _row_group_rows() -> int:
+    from .packing import ROW_GROUP_ROWS
+
+    return ROW_GROUP_ROWS
+
+
+def _source_entry(name: str, weight: float | None, st: dict, unique: int, unique_res: int, dups: int,
+                  dup_res: int) -> dict:
+    e = {
+        "path": _display_path(name),
+        "sha256": st["sha256"],
+        "bytes": st["bytes"],
+        "records": st["records"],
+        "residues": st["residues"],
+        "duplicates_dropped": int(dups),
+        "duplicate_residues_dropped": int(dup_res),
+        "records_rejected": sum(st["rejected"].values()),
+        "rejected_by_kind": dict(sorted(st["rejected"].items())),
+        "rejected_first": list(st["first"]),
+        "unique_records": int(unique),
+        "unique_residues": int(unique_res),
+    }
+    if weight is not None:
+        e = {"path": e.pop("path"), "weight": weight, **e}
     return e
 
 
-def _validate_args(srcs, out, ood, ood_clusters, min_seq_id, val_fraction, val_min, seq_len, on_invalid,
-                   overwrite) -> None:
+def _validate_args(srcs, out: Location, ood, ood_clusters, min_seq_id, val_fraction, val_min, seq_len,
+                   on_invalid, overwrite) -> None:
     if not srcs:
         raise UserError("no sources given (--source PATH[:WEIGHT])")
     for s in srcs:
@@ -551,7 +714,9 @@ def _validate_args(srcs, out, ood, ood_clusters, min_seq_id, val_fraction, val_m
             raise UserError(f"{s.path}: weight must be a finite number >= 0, got {s.weight}")
     if not any(s.weight > 0 for s in srcs):
         raise UserError("every source has weight 0")
-    keys = [os.path.realpath(s.path) for s in srcs] + ([os.path.realpath(ood)] if ood is not None else [])
+    keys = [s.path if is_uri(s.path) else os.path.realpath(s.path) for s in srcs]
+    if ood is not None:
+        keys.append(str(ood) if is_uri(ood) else os.path.realpath(ood))
     dup = [k for k, v in Counter(keys).items() if v > 1]
     if dup:
         raise UserError(f"{dup[0]}: given more than once (as a source or as --ood)")
@@ -571,8 +736,8 @@ def _validate_args(srcs, out, ood, ood_clusters, min_seq_id, val_fraction, val_m
         if not 0 < min_seq_id <= 1:
             raise UserError(f"--min-seq-id must be in (0, 1], got {min_seq_id}")
         if not mmseqs_available():
-            raise UserError("--ood-clusters needs mmseqs (MMseqs2) on PATH; install it or give an OOD "
-                            "source with --ood FILE")
+            raise UserError("--ood-clusters needs mmseqs (MMseqs2) on PATH; install it (Debian/Ubuntu: "
+                            "apt-get install mmseqs2) or give an OOD source with --ood FILE")
     _check_out(out, overwrite)
 
 

@@ -5,6 +5,17 @@ dropout, input and output embeddings tied (as in ESM-2).
 Rows are packed: several proteins share a row of ``seq_len`` tokens. ``doc_ids`` (B, S) numbers the
 segments of each row and ``pos_ids`` (B, S) restarts at 0 in each segment, so attention never crosses
 from one protein into another and a protein packed anywhere gets the same positions as alone.
+
+Three attention paths compute the same numbers (``tests/test_attention.py``):
+
+* ``sdpa``: ``scaled_dot_product_attention`` with a dense (B, 1, S, S) document mask. The CPU default
+  and the reference; on a GPU the dense mask costs S² bytes per row and rules out the flash kernels.
+* ``flex``: FlexAttention with a ``BlockMask`` built once per forward from ``doc_ids`` and shared by all
+  layers. Blocks of 128×128 that lie inside one protein are "full" (no mask evaluated), blocks that
+  straddle no common protein are skipped, so no S×S mask is ever materialised and padding and
+  cross-protein blocks cost nothing. The default on CUDA, where the kernel is compiled.
+* ``flash``: flash-attn's varlen kernel, only when asked for: it is a source-built package that must
+  match torch and CUDA, and its ``cu_seqlens`` has a data-dependent length (a host sync per forward).
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from ..data.tokenizer import VOCAB_SIZE
@@ -26,6 +38,8 @@ except Exception:  # ImportError, or a build that does not match this torch/CUDA
     flash_attn_varlen_func = None
 
 IGNORE_INDEX = -100
+ATTENTION = ("auto", "sdpa", "flex", "flash")
+FLEX_BLOCK = 128      # FlexAttention's tile: the granularity at which blocks are skipped or unmasked
 
 
 @dataclass
@@ -35,7 +49,7 @@ class ModelConfig:
     heads: int
     causal: bool                     # True for CLM, False for MLM
     vocab_size: int = VOCAB_SIZE
-    attention: str = "auto"          # "auto" | "sdpa" | "flash"
+    attention: str = "auto"          # "auto" (flex on CUDA, sdpa on CPU) | "sdpa" | "flex" | "flash"
     activation_checkpointing: bool = False   # recompute each block in backward: keep only block inputs
 
     @classmethod
@@ -46,13 +60,18 @@ class ModelConfig:
 
 
 def resolve_attention(choice: str, device: torch.device) -> str:
-    """``auto`` picks flash-attn varlen on CUDA when it is importable, PyTorch SDPA otherwise."""
+    """``auto`` is FlexAttention on CUDA (no dense mask, no host sync) and dense-mask SDPA elsewhere.
+
+    flash-attn is used only when asked for: on a GPU flex needs no extra package and keeps the step free
+    of host synchronisation; flash-attn's varlen kernel needs segment boundaries whose count is known on
+    the host.
+    """
+    if choice not in ATTENTION:
+        raise ValueError(f"unknown attention implementation {choice!r} ({', '.join(ATTENTION)})")
     if choice == "auto":
-        return "flash" if flash_attn_varlen_func is not None and device.type == "cuda" else "sdpa"
+        return "flex" if device.type == "cuda" else "sdpa"
     if choice == "flash" and (flash_attn_varlen_func is None or device.type != "cuda"):
         raise RuntimeError("attention='flash' needs the flash-attn package and a CUDA device")
-    if choice not in ("sdpa", "flash"):
-        raise ValueError(f"unknown attention implementation {choice!r} (auto, sdpa, flash)")
     return choice
 
 
@@ -80,13 +99,85 @@ def document_mask(doc_ids: torch.Tensor, causal: bool) -> torch.Tensor:
 
 
 def cu_seqlens(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Cumulative segment boundaries over the flattened batch, for flash-attn's varlen kernels."""
+    """Cumulative segment boundaries over the flattened batch, for flash-attn's varlen kernels. The
+    maximum segment length is bounded by the row length (no host sync for it)."""
     flat = doc_ids.flatten()
     row_start = torch.zeros_like(flat, dtype=torch.bool)
     row_start[:: doc_ids.shape[1]] = True
     starts = torch.nonzero(row_start | torch.cat([flat.new_ones(1, dtype=torch.bool), flat[1:] != flat[:-1]]))
     bounds = torch.cat([starts.flatten(), flat.new_tensor([flat.numel()])]).to(torch.int32)
-    return bounds, int((bounds[1:] - bounds[:-1]).max())
+    return bounds, doc_ids.shape[1]
+
+
+def document_block_mask(doc_ids: torch.Tensor, causal: bool, block: int = FLEX_BLOCK) -> BlockMask:
+    """FlexAttention's block-sparse form of ``document_mask``, built from per-block segment ranges.
+
+    For each tile of ``block`` queries × ``block`` keys, the smallest and largest segment id on each side
+    decide: tiles whose ranges do not meet are skipped, tiles whose queries and keys all belong to one
+    segment (and, for CLM, lie wholly below the diagonal) are "full" and run without evaluating the mask,
+    and the rest are "partial" and apply ``mask_mod`` per element. This is exact for any ``doc_ids``
+    (skipping and "full" are only claimed when certain) and costs O(B·(S/block)²) work on the device, with
+    no S×S tensor and no value read back to the host, so it can be built once per forward and traced by
+    ``torch.compile``.
+    """
+    b, s = doc_ids.shape
+    n = -(-s // block)
+    if n * block != s:   # repeat the last id into the ragged last tile: its range stays that of real tokens
+        doc_ids = torch.cat([doc_ids, doc_ids[:, -1:].expand(b, n * block - s)], dim=1)
+    tiles = doc_ids.reshape(b, n, block)
+    lo, hi = tiles.amin(-1), tiles.amax(-1)                            # (B, n)
+    meet = (lo[:, :, None] <= hi[:, None, :]) & (lo[:, None, :] <= hi[:, :, None])
+    one = lo == hi
+    full = one[:, :, None] & one[:, None, :] & (lo[:, :, None] == lo[:, None, :])
+    if causal:
+        i = torch.arange(n, device=doc_ids.device)
+        meet = meet & (i[:, None] >= i[None, :])                       # no key tile above the diagonal
+        full = full & (i[:, None] > i[None, :])                        # the diagonal tile needs the mask
+    partial = meet & ~full
+    ids = doc_ids[:, :s]
+
+    def mask_mod(bi, h, q, kv):
+        same = ids[bi, q] == ids[bi, kv]
+        return same & (q >= kv) if causal else same
+
+    return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(s, s))
+
+
+def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, n, n) booleans → BlockMask's (count, indices) per query tile, with a head dimension of 1."""
+    tiles = tiles[:, None].to(torch.int32)
+    return (tiles.sum(-1, dtype=torch.int32),
+            torch.argsort(tiles, dim=-1, descending=True, stable=True).to(torch.int32))
+
+
+_compiled_flex = None
+
+
+def flex(q, k, v, block_mask: BlockMask) -> torch.Tensor:
+    """FlexAttention, compiled on CUDA (the fused kernel); eager elsewhere, where it is the unfused
+    reference that materialises the scores (fine for CPU tests, never a GPU training path)."""
+    global _compiled_flex
+    if torch.compiler.is_compiling():    # inside a compiled model: fused by that same compilation
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if q.device.type != "cuda":
+        import warnings
+
+        with warnings.catch_warnings():   # "called without torch.compile": expected on CPU
+            warnings.simplefilter("ignore", UserWarning)
+            return flex_attention(q, k, v, block_mask=block_mask)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask)
+
+
+def attention_inputs(impl: str, doc_ids: torch.Tensor, causal: bool):
+    """What every layer's attention needs, built once per forward and shared by all layers."""
+    if impl == "flex":
+        return document_block_mask(doc_ids, causal)
+    if impl == "flash":
+        return cu_seqlens(doc_ids)
+    return document_mask(doc_ids, causal)
 
 
 class SelfAttention(nn.Module):
@@ -96,19 +187,23 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.out = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x, pos_ids, doc_ids, impl: str, mask=None, varlen=None):
+    def forward(self, x, pos_ids, impl: str, attn):
+        """``attn`` is what ``impl`` needs, built once per forward: the dense mask (sdpa), the BlockMask
+        (flex) or the varlen boundaries (flash)."""
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         q, k = rotary(q, pos_ids), rotary(k, pos_ids)
         if impl == "flash":
-            bounds, max_len = varlen
+            bounds, max_len = attn
             unpack = lambda t: t.transpose(1, 2).reshape(b * s, self.heads, d // self.heads)  # noqa: E731
             y = flash_attn_varlen_func(unpack(q), unpack(k), unpack(v), bounds, bounds, max_len, max_len,
                                        causal=self.causal)
-            y = y.reshape(b, s, d)
+            return self.out(y.reshape(b, s, d))
+        if impl == "flex":
+            y = flex(q, k, v, attn)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, s, d)
-        return self.out(y)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn)
+        return self.out(y.transpose(1, 2).reshape(b, s, d))
 
 
 class Block(nn.Module):
@@ -120,8 +215,8 @@ class Block(nn.Module):
         self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
         self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
 
-    def forward(self, x, pos_ids, doc_ids, impl, mask=None, varlen=None):
-        x = x + self.attn(self.norm1(x), pos_ids, doc_ids, impl, mask, varlen)
+    def forward(self, x, pos_ids, impl, attn):
+        x = x + self.attn(self.norm1(x), pos_ids, impl, attn)
         return x + self.proj(F.gelu(self.fc(self.norm2(x))))
 
 
@@ -151,14 +246,13 @@ class ProteinLM(nn.Module):
         """Logits (B, S, vocab) for tokens (B, S); with ``labels``, the mean cross-entropy over the
         positions whose label is not IGNORE_INDEX instead."""
         impl = resolve_attention(self.cfg.attention, tokens.device)
-        mask = document_mask(doc_ids, self.cfg.causal) if impl == "sdpa" else None
-        varlen = cu_seqlens(doc_ids) if impl == "flash" else None
+        attn = attention_inputs(impl, doc_ids, self.cfg.causal)
         x = self.embed(tokens)
         for block in self.blocks:
             if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, pos_ids, doc_ids, impl, mask, varlen, use_reentrant=False)
+                x = checkpoint(block, x, pos_ids, impl, attn, use_reentrant=False)
             else:
-                x = block(x, pos_ids, doc_ids, impl, mask, varlen)
+                x = block(x, pos_ids, impl, attn)
         logits = F.linear(self.norm(x), self.embed.weight, self.head_bias)
         if labels is None:
             return logits

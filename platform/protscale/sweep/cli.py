@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 
 
+DEFAULT_MFU = 0.40             # a conservative figure for a plain PyTorch bf16 step (BioNeMo reports ~43-59%)
+DEFAULT_PEAK_TFLOPS = 989.0    # H100 SXM dense bf16
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("sweep", help="run every trial of a search space with Ray Tune",
                        description="Run a sweep: every trial of SPACE (a search_spaces/*.py file) as a "
@@ -13,7 +17,15 @@ def add_commands(sub) -> None:
     p.add_argument("space", help="search-space file, e.g. search_spaces/demo_cpu.py")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--storage", default="runs", help="Ray storage path (checkpoints, Tune state)")
-    p.add_argument("--dry-run", action="store_true", help="list the trials with N, D, C and resources; run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the trials with N, D, C and each one's memory plan and GPU-hours; run nothing")
+    p.add_argument("--json", action="store_true", help="with --dry-run: one JSON array of trials instead of a table")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
+                   help="memory of one GPU the trials must fit (default: the space's, 80; 40 for A100-40GB, "
+                   "141 for H200)")
+    p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="assumed model FLOPs utilisation for GPU-hours")
+    p.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
+                   help="dense bf16 peak of one GPU for GPU-hours (H100: 989, A100: 312)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are skipped")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
     p.set_defaults(func=run_sweep_cmd)
@@ -25,7 +37,7 @@ def add_commands(sub) -> None:
     d.set_defaults(func=run_demo)
 
 
-def _load(path: str, data_override: str | None = None):
+def _load(path: str, data_override: str | None = None, gpu_memory: float | None = None):
     from ..cli import UserError
     from ..data.shards import read_manifest
     from .space import load, validate
@@ -36,6 +48,8 @@ def _load(path: str, data_override: str | None = None):
         raise UserError(str(exc)) from None
     if data_override:
         space.data = data_override
+    if gpu_memory:
+        space.gpu_memory_gb = gpu_memory
     try:
         manifest = read_manifest(space.data)
     except FileNotFoundError:
@@ -46,25 +60,78 @@ def _load(path: str, data_override: str | None = None):
     return space, manifest
 
 
-def _dry_run(space) -> None:
-    from ..model.sizes import get_size, tokens_for_budget
-    from .space import resources
+def dry_run_rows(space, mfu: float = DEFAULT_MFU, peak_tflops: float = DEFAULT_PEAK_TFLOPS) -> list[dict]:
+    """One dict per trial: its size, budget and the plan its workers will build (``space.plan``).
 
-    print(f"{space.name}: {len(space.trials)} trials on {space.data}")
-    print(f"{'trial':42} {'N':>14} {'D (tokens)':>16} {'C (FLOPs)':>10}  resources")
+    GPU-hours = training FLOPs / (MFU × peak): FLOPs per token 6·N + 12·L·d·S (``train_flops_per_token``
+    with S = seq_len, an upper bound on the packed S_eff), times 4/3 on the 6·N part when activation
+    checkpointing recomputes the forward, times the trial's tokens. The world size does not change it."""
+    from ..model.sizes import get_size, train_flops_per_token
+    from .space import plan, seq_len
+
+    rows = []
+    length = seq_len(space)
     for t in space.trials:
         size = get_size(t.size)
-        print(f"{t.name:42} {size.n_params_non_embedding:>14,} {tokens_for_budget(size, t.budget_flops):>16,} "
-              f"{t.budget_flops:>10.2g}  {resources(space, t)}")
+        p = plan(space, t, length)
+        tokens = p.steps * p.batch_tokens
+        per_token = train_flops_per_token(size, length)
+        if p.activation_checkpointing:
+            per_token += 2.0 * size.n_params_non_embedding       # one more forward: 2·N per token
+        gpu_hours = tokens * per_token / (mfu * peak_tflops * 1e12) / 3600 if space.gpus_per_trial else None
+        rows.append({
+            "trial": t.name, "objective": t.objective, "size": t.size,
+            "n_params_non_embedding": size.n_params_non_embedding, "budget_flops": t.budget_flops,
+            "tokens": tokens, "global_rows": p.global_rows, "workers": p.world, "zero_stage": p.zero_stage,
+            "micro_batch_rows": p.micro_rows, "accumulation": p.accumulation,
+            "activation_checkpointing": p.activation_checkpointing,
+            "memory_gb_per_gpu": round(p.memory_gb_per_gpu, 2), "gpu_hours": gpu_hours,
+        })
+    return rows
+
+
+def _dry_run(space, as_json: bool = False, mfu: float = DEFAULT_MFU,
+             peak_tflops: float = DEFAULT_PEAK_TFLOPS) -> None:
+    import json
+
+    from ..model.sizes import get_size, tokens_for_budget
+    from .space import gpu_memory_gb
+
+    rows = dry_run_rows(space, mfu, peak_tflops)
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    gpu = bool(space.gpus_per_trial)
+    where = (f"GPUs of {space.gpu_memory_gb:g} GB" + (f" (a {space.gpus_per_trial:g} share each)"
+                                                      if space.gpus_per_trial < 1 else "")) if gpu else "CPUs"
+    print(f"{space.name}: {len(rows)} trials on {space.data}, {where}")
+    print(f"{'trial':34} {'N':>14} {'D (tokens)':>16} {'C':>7} {'GPUs' if gpu else 'wrk':>4} {'ZeRO':>4} "
+          f"{'micro x accum':>13} {'ckpt':>4} {'GB/GPU' if gpu else 'GB':>6} {'GPU-h':>9}")
+    for t, r in zip(space.trials, rows):
+        size = get_size(t.size)
+        hours = f"{r['gpu_hours']:9.1f}" if r["gpu_hours"] is not None else f"{'-':>9}"
+        print(f"{t.name:34} {size.n_params_non_embedding:>14,} {tokens_for_budget(size, t.budget_flops):>16,} "
+              f"{t.budget_flops:>7.2g} {r['workers']:>4} {r['zero_stage']:>4} "
+              f"{str(r['micro_batch_rows']) + ' x ' + str(r['accumulation']):>13} "
+              f"{'on' if r['activation_checkpointing'] else 'off':>4} {r['memory_gb_per_gpu']:>6.1f} {hours}")
+    peak = max((r["memory_gb_per_gpu"] for r in rows), default=0.0)
+    if gpu:
+        total = sum(r["gpu_hours"] for r in rows)
+        print(f"total: {len(rows)} trials, {total:,.1f} GPU-hours, peak {peak:.1f} GB per GPU "
+              f"(of {gpu_memory_gb(space):g}); GPU-hours assume MFU {mfu:.0%} of {peak_tflops:g} TFLOP/s"
+              f"{' (H100 bf16 dense)' if peak_tflops == DEFAULT_PEAK_TFLOPS else ''} on 6N+12·L·d·S FLOPs "
+              "per token, S = seq_len, +2N under checkpointing")
+    else:
+        print(f"total: {len(rows)} trials, peak {peak:.2f} GB per worker (CPU, fp32)")
 
 
 def run_sweep_cmd(args) -> int:
     from ..cli import UserError
     from ..tracking.contract import default_tracking_uri, resolve_tracking_uri
 
-    space, manifest = _load(args.space)
+    space, manifest = _load(args.space, gpu_memory=args.gpu_memory)
     if args.dry_run:
-        _dry_run(space)
+        _dry_run(space, args.json, args.mfu, args.peak_tflops)
         return 0
     if manifest is None:
         raise UserError(f"{args.space}: data {space.data} is not prepared; run `protscale data prepare --help`")

@@ -14,7 +14,8 @@ peak-LR and batch rule by size applies unless a trial overrides it.
 
 from __future__ import annotations
 
-import math
+import json
+import os
 import runpy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,7 +46,9 @@ class SearchSpace:
     trials: list[Trial]
     defaults: dict = field(default_factory=dict)     # TrialConfig fields for every trial (eval_every...)
     max_concurrent: int = 0                          # 0: as many as the cluster's resources allow
-    gpus_per_trial: float = 0                        # 0: CPU trials (1 CPU each)
+    gpus_per_trial: float = 0                        # 0: CPU trials (1 CPU each); <1: a share of one GPU
+    gpu_memory_gb: float = 80.0                      # memory of one GPU: the memory plan fits it (--gpu-memory)
+    max_workers: int = 8                             # GPUs one trial may use (the plan takes the fewest that fit)
     source: str = ""                                 # the file it was loaded from
 
 
@@ -72,7 +75,9 @@ def load(path: str | Path) -> SearchSpace:
     space = runpy.run_path(str(path)).get("SPACE")
     if not isinstance(space, SearchSpace):
         raise ValueError(f"{path}: defines no SPACE = SearchSpace(...)")
-    if not Path(space.data).is_absolute():
+    # $PROTSCALE_DATA replaces the space's data (a RayJob points a space at the cluster's object store).
+    space.data = os.environ.get("PROTSCALE_DATA") or space.data
+    if "://" not in space.data and not Path(space.data).is_absolute():  # URIs (s3://, gs://) stay as given
         space.data = str((Path.cwd() / space.data).resolve())
     return replace(space, source=str(path))
 
@@ -106,19 +111,48 @@ def validate(space: SearchSpace, manifest: dict | None) -> list[str]:
                           "add data or lower the budget")
         if t.parent and (t.parent not in by_name or by_name[t.parent].objective != "clm"):
             errors.append(f"trial {t.name}: parent {t.parent!r} is not a CLM trial of this space")
+        if space.gpus_per_trial and t.objective in ("clm", "mlm"):
+            from ..train.memory import DoesNotFit
+
+            try:
+                plan(space, t, seq_len)
+            except DoesNotFit as exc:
+                errors.append(str(exc))
     return errors
 
 
-GPU_PARAMS_PER_DEVICE = 2e9        # models above this get one GPU worker per 2e9 parameters
+def gpu_memory_gb(space: SearchSpace) -> float:
+    """GPU memory one trial may use: the space's GPU, or its share of one (gpus_per_trial < 1); 0 on CPU."""
+    return space.gpu_memory_gb * min(1.0, space.gpus_per_trial) if space.gpus_per_trial else 0.0
+
+
+def seq_len(space: SearchSpace) -> int:
+    """Row length of the space's prepared data (its manifest), 1024 (the paper's) before it is prepared."""
+    manifest = Path(space.data) / "manifest.json"
+    return int(json.loads(manifest.read_text())["seq_len"]) if manifest.is_file() else 1024
+
+
+def plan(space: SearchSpace, trial: Trial, seq_len_: int | None = None):
+    """The trial's ``Plan`` — the same object its workers build (``train/plan.py``). GPU trials get the
+    fastest memory plan on up to ``max_workers`` GPUs (one when they share a GPU); raises
+    ``memory.DoesNotFit`` naming the trial when none fits."""
+    from ..train.plan import Plan
+    from .tune import trial_config
+
+    cfg = trial_config(space, trial, tracking_uri="")
+    rows = seq_len_ or seq_len(space)
+    if not cfg.gpu_memory_gb:
+        return Plan(cfg, rows, 1)
+    return Plan.for_gpus(cfg, rows, space.max_workers if space.gpus_per_trial >= 1 else 1)
 
 
 def workers(space: SearchSpace, trial: Trial) -> int:
     """Ray Train workers of a trial: 0 (Train's local mode, in the Tune trial's own process) for CPU
-    trials and models that fit one GPU; one worker per GPU above that."""
+    trials and GPU trials whose plan needs one GPU; the plan's GPU count above that, one worker each."""
     if not space.gpus_per_trial:
         return 0
-    n = get_size(trial.size).n_params_non_embedding
-    return 0 if n <= GPU_PARAMS_PER_DEVICE else math.ceil(n / GPU_PARAMS_PER_DEVICE)
+    world = plan(space, trial).world
+    return 0 if world == 1 else world
 
 
 def resources(space: SearchSpace, trial: Trial) -> dict:

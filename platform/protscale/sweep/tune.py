@@ -18,12 +18,12 @@ from pathlib import Path
 from ..tracking import contract as c
 from ..tracking import runs
 from ..train.config import TrialConfig
-from .space import SearchSpace, Trial, resources, workers
+from .space import SearchSpace, Trial, gpu_memory_gb, resources, workers
 
 
 def trial_config(space: SearchSpace, trial: Trial, tracking_uri: str) -> TrialConfig:
     fields = {**space.defaults, "batch_tokens": trial.batch_tokens or space.defaults.get("batch_tokens", 0),
-              "lr_max": trial.lr_max or space.defaults.get("lr_max", 0.0)}
+              "lr_max": trial.lr_max or space.defaults.get("lr_max", 0.0), "gpu_memory_gb": gpu_memory_gb(space)}
     return TrialConfig(objective=trial.objective, size=trial.size, budget_flops=trial.budget_flops,
                        data=space.data, tracking_uri=tracking_uri, experiment=space.name, name=trial.name,
                        seed=trial.seed, tags={c.SWEEP: space.name}, **fields)

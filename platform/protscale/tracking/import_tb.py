@@ -63,6 +63,7 @@ from typing import Callable
 import numpy as np
 
 from protscale.cli import UserError
+from protscale.model.sizes import PAPER_SIZES
 
 from . import contract as c
 from .runs import experiment_id
@@ -82,18 +83,9 @@ INIT_BUDGET_FLOPS = c.INIT_BUDGET_FLOPS
 
 FLOPS_CONVENTION_6N = "6N"           # flops = 6 · N(non-embedding) · tokens, as the exports' axis
 
-# Size labels of the paper's released logs -> N = 12·L·d² (README of data/reference-logs).
-DEFAULT_SIZE_MAP: dict[str, int] = {
-    "3M": 3_538_944, "6M": 6_291_456, "10M": 9_830_400, "13M": 13_192_320, "20M": 19_267_584,
-    "25M": 25_165_824, "34M": 33_690_624, "40M": 39_813_120, "47M": 47_775_744, "65M": 65_728_000,
-    "85M": 84_934_656, "106M": 106_168_320, "127M": 127_699_968, "154M": 154_448_288,
-    "170M": 170_233_344, "200M": 202_309_632, "230M": 231_211_008, "300M": 302_426_080,
-    "393M": 393_216_000, "470M": 472_435_184, "550M": 550_502_400, "650M": 650_930_624,
-    "680M": 680_205_312, "880M": 886_308_864, "1.2B": 1_208_881_136, "1.5B": 1_528_823_808,
-    "1.7B": 1_784_851_968, "2B": 2_044_723_200, "2.4B": 2_359_296_000, "2.8B": 2_834_283_904,
-    "3.4B": 3_425_697_792, "4B": 4_076_863_488, "5B": 4_917_322_640, "6B": 6_165_626_880,
-    "7B": 7_247_758_312, "10B": 10_682_105_856,
-}
+# Size labels of the paper's released logs -> N = 12·L·d² (README of data/reference-logs): the table kept
+# once, in ``protscale.model.sizes``.
+DEFAULT_SIZE_MAP: dict[str, int] = {name: s.reference_n for name, s in PAPER_SIZES.items()}
 
 AXIS_TOL = 0.03           # FLOPs/(6·tokens) vs N
 BUDGET_TOL = 0.10         # curve end vs budget in the name

@@ -22,7 +22,10 @@ def add_commands(sub) -> None:
     p.add_argument("--name", default="", help="trial name (default: objective-size-budget-seed)")
     p.add_argument("--workers", default="1", help="Ray Train workers: N, or MIN:MAX for an elastic trial")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
-    p.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage")
+    p.add_argument("--zero-stage", default="auto", choices=("auto", "0", "1", "2", "3"),
+                   help="DeepSpeed ZeRO stage (auto: the memory plan's on GPUs, 0 on CPUs)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB",
+                   help="with --gpu: memory of one GPU the memory plan fits (40 for A100-40GB, 141 for H200)")
     p.add_argument("--batch-tokens", type=int, default=0, help="tokens per step (0: paper rule by size)")
     p.add_argument("--lr-max", type=float, default=0.0, help="peak LR (0: paper rule by size)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evals/checkpoints (0: ~5 per trial)")
@@ -69,11 +72,17 @@ def run(args) -> int:
                           tracking_uri=resolve_tracking_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri(),
                           experiment=args.experiment, name=args.name, seed=args.seed,
                           batch_tokens=args.batch_tokens, lr_max=args.lr_max, eval_every=args.eval_every,
-                          zero_stage=args.zero_stage, init_from=args.init_from)
+                          zero_stage=args.zero_stage if args.zero_stage == "auto" else int(args.zero_stage),
+                          gpu_memory_gb=args.gpu_memory if args.gpu else 0.0, init_from=args.init_from)
     except (KeyError, ValueError) as exc:
         raise UserError(str(exc).strip("'\"")) from None
     if cfg.tokens_target < 1:
         raise UserError(f"--budget-flops {args.budget_flops:g} buys no token at size {args.size}")
+    if cfg.gpu_memory_gb:     # the memory plan the workers will build, checked before anything starts
+        from ..data.shards import read_manifest
+        from .plan import Plan
+
+        Plan(cfg, read_manifest(cfg.data)["seq_len"], max(1, workers[0]))   # raises DoesNotFit (a UserError)
     from mlflow.exceptions import MlflowException
 
     from ..tracking.auth import check_tracking_access

@@ -24,11 +24,15 @@ class TrialConfig:
     lr_max: float = 0.0                 # 0 = the paper's rule by size
     eval_every: int = 0                 # steps between evaluations + checkpoints; 0 = about 5 per trial
     eval_rows: int = 64                 # rows of each of val/test evaluated (all of them if fewer)
-    micro_batch_rows: int = 0           # rows per forward pass per worker; 0 = whole per-worker batch
-    activation_checkpointing: bool = False   # recompute each block's activations in backward
-    zero_stage: int = 0
+    # Memory plan (train/plan.py). Auto fields: the planner's choice on GPUs; on CPUs the whole
+    # per-worker batch in one forward, no checkpointing, ZeRO 0.
+    micro_batch_rows: int = 0           # rows per forward pass per worker; 0 = auto
+    activation_checkpointing: bool | None = None   # recompute each block in backward; None = auto
+    zero_stage: int | str = "auto"      # 0-3 or "auto"
+    gpu_memory_gb: float = 0.0          # memory of one GPU the plan fits (80 on H100); 0 = CPU trial, no plan
     precision: str = "auto"             # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
-    attention: str = "auto"             # "auto" | "sdpa" | "flash"
+    attention: str = "auto"             # "auto" (flex on CUDA, sdpa on CPU) | "sdpa" | "flex" | "flash"
+    compile: bool = False               # torch.compile the model (GPU; benchmarks/throughput.py measures it)
     init_from: str = ""                 # MLflow run id of a finished CLM trial (CLM→MLM transfer)
     init_budget_flops: float = 0.0      # ... its compute budget (D_F = C_F / 6N for transfer laws)
     peak_flops: float = 0.0             # per device, for MFU; 0 = known GPU table, none on CPU
@@ -40,6 +44,8 @@ class TrialConfig:
         if self.objective not in ("clm", "mlm"):
             raise ValueError(f"objective must be 'clm' or 'mlm', not {self.objective!r}")
         get_size(self.size)             # raises with the list of known sizes
+        if self.zero_stage not in ("auto", 0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2, 3 or 'auto', not {self.zero_stage!r}")
 
     # --- derived ------------------------------------------------------------------------------------
     @property

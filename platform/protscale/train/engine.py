@@ -19,7 +19,10 @@ def build_engine(cfg: TrialConfig, plan, device: torch.device, universal: bool, 
     """The trial's model and AdamW optimizer (the paper's recipe) as a DeepSpeed engine."""
     import deepspeed
 
-    model = ProteinLM(ModelConfig.from_size(cfg.model_size, cfg.objective, cfg.attention, cfg.activation_checkpointing))
+    # Built directly on a GPU: initialising billions of parameters on the host first takes minutes.
+    with torch.device(device if device.type == "cuda" else "cpu"):
+        model = ProteinLM(ModelConfig.from_size(cfg.model_size, cfg.objective, cfg.attention,
+                                                plan.activation_checkpointing))
     if initial is not None:
         model.load_state_dict(initial)
     model = model.to(device)
@@ -33,11 +36,12 @@ def build_engine(cfg: TrialConfig, plan, device: torch.device, universal: bool, 
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: recipe.lr_at(i + 1, plan.steps, plan.lr_max) / plan.lr_max)
     ds_config = {
-        "train_batch_size": plan.global_rows,
+        # No "train_batch_size": DeepSpeed would require it to equal micro × accumulation × world, but the
+        # global batch (plan.global_rows) is split unevenly when the world size does not divide it (loop.py).
         "train_micro_batch_size_per_gpu": plan.micro_rows,
         "gradient_accumulation_steps": plan.accumulation,
         "gradient_clipping": recipe.GRAD_CLIP,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": plan.zero_stage},
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10 ** 9,
@@ -45,6 +49,11 @@ def build_engine(cfg: TrialConfig, plan, device: torch.device, universal: bool, 
     }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=ds_config)
+    if cfg.compile:
+        # torch.compile of the module in place (Module.compile): parameter names and checkpoints are
+        # unchanged. Pays on GPUs (fused norms, GELU, rotary; benchmarks/throughput.py measures it); on a
+        # CPU the compile time outweighs any gain for trial-sized runs, hence off by default.
+        engine.compile()
     return engine
 
 

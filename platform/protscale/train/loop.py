@@ -4,6 +4,20 @@ The model and optimizer are a DeepSpeed engine over the process group Ray Train 
 NCCL on GPU). Every ``eval_every`` steps: evaluation on IID validation and OOD test, metrics to MLflow
 (rank 0), a checkpoint through ``ray.train.report``. A restarted worker group resumes from the latest
 checkpoint and re-attaches to the same MLflow run.
+
+Data: the splits are streamed (``shards.SplitReader``); a background thread builds and copies the next
+micro-batches (``batches.Prefetcher``). Inside a step nothing waits for the host: losses, token counts
+and learning rates are kept (on the device, or as host floats the optimizer already holds) until the
+evaluation boundary, the only synchronisation of the loop.
+
+Global batch at any world size: step s trains on the ``plan.global_rows`` rows of ``Schedule.rows(s)``
+whatever the world size; rank r takes every world-th, in ``plan.accumulation`` micro-batches. The loss
+is the **token mean over the global batch**: micro-batch m of rank r has mean loss L over its n labelled
+positions, and N labelled positions are in the whole step (one all-reduce of the per-rank counts, on the
+device). DeepSpeed divides by the accumulation steps in ``backward`` and averages gradients over ranks,
+so ``backward`` gets L · n · accumulation · world / N: the gradient is then that of Σ(L·n)/N, the same
+at every world size and micro-batch split (``tests/test_batches.py`` checks one step at 2 and 3 workers
+against one plain full-batch pass).
 """
 
 from __future__ import annotations
@@ -16,12 +30,12 @@ import time
 import numpy as np
 import torch
 
-from ..data.shards import SPLITS, read_manifest, read_split
+from ..data.shards import SplitReader, read_manifest
 from ..model.sizes import FLOPS_CONVENTION, effective_context, train_flops_per_token
 from ..tracking import contract as c
 from ..tracking.runs import MetricsLogger
-from . import checkpoint, recipe
-from .batches import Batches
+from . import checkpoint
+from .batches import EVAL_STEP, Prefetcher, Schedule, build_batch, step_micro_batches
 from .config import TrialConfig
 from .engine import build_engine, init_process_group
 from .plan import Plan
@@ -42,26 +56,22 @@ def train_loop_per_worker(config: dict) -> None:
     init_process_group(world, device)
     torch.manual_seed(cfg.seed)
 
-    train = Batches(read_split(cfg.data, "train"), cfg.objective, cfg.seed)
-    evals = {key: Batches(read_split(cfg.data, split), cfg.objective, cfg.seed + 1)
-             for key, split in ((c.VAL_LOSS, "val"), (c.TEST_LOSS, "test")) if _has_split(cfg.data, split)}
-    plan = Plan(cfg, train.rows.seq_len, world)
+    manifest = read_manifest(cfg.data)
+    train = SplitReader(cfg.data, "train", manifest=manifest)
+    evals = {key: SplitReader(cfg.data, split, cache_blocks=2, manifest=manifest)
+             for key, split in ((c.VAL_LOSS, "val"), (c.TEST_LOSS, "test")) if _has_split(manifest, split)}
+    plan = Plan(cfg, train.seq_len, world)
 
     ckpt = session.get_checkpoint()
-    saved_world = None
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            saved_world = checkpoint.read_state(d)["world_size"]
-    universal = saved_world is not None and saved_world != world and cfg.zero_stage > 0
 
     # Transfer weights go into the model *before* DeepSpeed wraps it: with bf16 or ZeRO the optimizer
     # keeps fp32 master copies made at initialisation, which would overwrite weights loaded later.
     initial = checkpoint.load_weights(cfg.tracking_uri, cfg.init_from) if cfg.init_from and ckpt is None else None
-    engine = build_engine(cfg, plan, device, universal, initial)
+    engine = build_engine(cfg, plan, device, False, initial)     # restore() picks sharded or universal
     state = {"step": 0, "tokens": 0, "world_size": world}
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = checkpoint.restore(engine, d, universal, rank)
+            state = checkpoint.restore(engine, d)     # each rank from its own copy: no cross-rank wait
         if rank == 0:
             print(f"[{cfg.name}] resumed at step {state['step']} (written by {state['world_size']} "
                   f"worker(s), now {world})", flush=True)
@@ -70,37 +80,49 @@ def train_loop_per_worker(config: dict) -> None:
     logger = MetricsLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 else None
     if logger and state["step"]:       # visible in the UI: this trial was restarted from a checkpoint
         logger.client.set_tag(cfg.run_id, RESUMED_FROM_STEP, str(state["step"]))
-    s_eff = effective_context(train.rows.seq_lens)
+    s_eff = _s_eff(manifest, train)
     flops_per_token = train_flops_per_token(cfg.model_size, s_eff)
     peak = cfg.peak_flops or _peak_flops(device)
 
-    interval_start, interval_tokens, step_losses = time.perf_counter(), state["tokens"], []
+    schedule = Schedule.for_reader(train, cfg.seed, plan.global_rows)
+    train.cache_blocks = 2 * schedule.window_blocks + 1      # a step reads from at most two windows
+    source = step_micro_batches(train, schedule, cfg.objective, cfg.seed, plan.global_rows, plan.accumulation,
+                                rank, world, state["step"] + 1, plan.steps)
+    prefetch = Prefetcher(source, device, depth=max(2, min(plan.accumulation + 1, 8)))
+    try:
+        _train(cfg, session, engine, plan, prefetch, evals, state, logger, rank, world, device,
+               flops_per_token, peak)
+    finally:
+        prefetch.close()
+
+
+def _train(cfg, session, engine, plan, prefetch, evals, state, logger, rank, world, device,
+           flops_per_token, peak) -> None:
+    interval_start, interval_tokens = time.perf_counter(), state["tokens"]
+    step_losses, step_counts, step_lrs = [], [], []
     for step in range(state["step"] + 1, plan.steps + 1):
-        rows = train.schedule(step, plan.global_rows)
-        mine = rows[rank::world]
-        for m in range(plan.accumulation):
-            batch = train.make(mine[m * plan.micro_rows:(m + 1) * plan.micro_rows], (cfg.seed, step, rank, m), device)
-            loss = engine(**batch)
-            engine.backward(loss)
-            engine.step()
-            step_losses.append(loss.detach())
-        state["step"], state["tokens"] = step, state["tokens"] + int(train.row_tokens[rows].sum())
+        loss, counts, lr = train_step(engine, prefetch, plan.accumulation, world)
+        step_losses.append(loss)
+        step_counts.append(counts)
+        step_lrs.append(lr)
+        state["step"] = step
         _maybe_inject_failure(cfg, step)
 
         if step % plan.eval_every and step != plan.steps:
             continue
         # --- evaluation, metrics, checkpoint (the only host synchronisation of the loop) --------------
+        train_losses = _sum_across_ranks(torch.stack(step_losses))
+        tokens_per_step = torch.stack(step_counts)[:, 1].cpu().tolist()     # already summed over ranks
+        state["tokens"] += int(sum(tokens_per_step))
         elapsed = time.perf_counter() - interval_start
-        train_losses = _mean_across_ranks(torch.stack(step_losses).view(-1, plan.accumulation).mean(1))
         first = step - len(train_losses) + 1
-        eval_losses = {key: _evaluate(engine, b, cfg, rank, world, device) for key, b in evals.items()}
+        eval_losses = {key: _evaluate(engine, reader, cfg, plan, rank, world, device) for key, reader in evals.items()}
         tokens_per_s = (state["tokens"] - interval_tokens) / max(elapsed, 1e-9)
         diverged = not all(math.isfinite(x) for x in [*train_losses, *eval_losses.values()])
         if logger:
             tokens = state["tokens"]
             for i, value in enumerate(train_losses):
-                s = first + i
-                logger.log(s, {c.TRAIN_LOSS: value, c.LR: recipe.lr_at(s, plan.steps, plan.lr_max)})
+                logger.log(first + i, {c.TRAIN_LOSS: value, c.LR: step_lrs[i]})
             logger.log(step, {**eval_losses, c.TOKENS: tokens, c.FLOPS: 6.0 * cfg.model_size.n_params_non_embedding * tokens,
                               c.TOKENS_PER_S: tokens_per_s,
                               c.MFU: tokens_per_s * flops_per_token / (peak * world) if peak else None})
@@ -118,13 +140,38 @@ def train_loop_per_worker(config: dict) -> None:
             if logger:
                 logger.client.set_tag(cfg.run_id, c.STATUS, c.STATUS_DIVERGED)
             break
-        interval_start, interval_tokens, step_losses = time.perf_counter(), state["tokens"], []
+        interval_start, interval_tokens = time.perf_counter(), state["tokens"]
+        step_losses, step_counts, step_lrs = [], [], []
+
+
+def train_step(engine, micro_batches, accumulation: int, world: int):
+    """One optimizer step over this rank's next ``accumulation`` micro-batches (see the module docstring
+    for the weighting). Returns (this rank's share of the step's token-mean loss, a device tensor; the
+    step's [labelled positions, tokens] over all ranks, a device tensor; the learning rate the optimizer
+    used, a float). Nothing here waits for the device."""
+    total = counts = lr = None
+    for m in range(accumulation):
+        micro = next(micro_batches)
+        if m == 0:
+            counts = micro.step_counts
+            if world > 1:
+                torch.distributed.all_reduce(counts)
+            scale = (accumulation * world / counts[0].clamp(min=1)).float()
+        loss = engine(**micro.batch)
+        weighted = loss * (micro.labels * scale)
+        engine.backward(weighted)
+        if m == accumulation - 1:           # the optimizer steps now: the LR it applies
+            lr = float(engine.get_lr()[0])
+        engine.step()
+        total = weighted.detach() if total is None else total + weighted.detach()
+    return total / (accumulation * world), counts, lr
 
 
 def trial_params(cfg: TrialConfig, seq_len: int) -> dict:
     """The contract's params of a trial (logged once, when its MLflow run is created)."""
     size = cfg.model_size
-    plan = Plan(cfg, seq_len, 1)
+    # Batch and LR only: the memory plan is the workers' (at 1 GPU a 10B trial has none that fits).
+    plan = Plan(TrialConfig.from_dict({**cfg.to_dict(), "gpu_memory_gb": 0.0}), seq_len, 1)
     manifest = read_manifest(cfg.data)
     from ..data.tokenizer import VOCAB_SIZE
 
@@ -143,28 +190,47 @@ def trial_params(cfg: TrialConfig, seq_len: int) -> dict:
 # --- pieces of the loop -----------------------------------------------------------------------------
 
 @torch.no_grad()
-def _evaluate(engine, batches: Batches, cfg: TrialConfig, rank: int, world: int, device) -> float:
-    """Token-weighted mean loss over the first ``eval_rows`` rows, split across ranks."""
+def _evaluate(engine, reader: SplitReader, cfg: TrialConfig, plan, rank: int, world: int, device) -> float:
+    """Token-weighted mean loss over the first ``eval_rows`` rows, split across ranks. Every rank runs the
+    same number of forward passes (ZeRO-3 gathers parameters in each), a rank out of rows on a dummy row
+    weighted 0. MLM masks are fixed per row (step ``EVAL_STEP``), so evaluations are comparable."""
     engine.eval()
-    rows = np.arange(min(len(batches), cfg.eval_rows))[rank::world]
+    n = min(reader.n_rows, cfg.eval_rows)
+    mine = np.arange(rank, n, world)
+    chunk = max(1, plan.micro_rows)
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    step = max(1, cfg.micro_batch_rows or 16)
-    for i in range(0, rows.size, step):
-        batch = batches.make(rows[i:i + step], (cfg.seed, 0, int(rows[i])), device)   # fixed MLM masks
-        n = (batch["labels"] != -100).sum()
-        total += torch.stack([engine(**batch).double() * n, n.double()])
+    for i in range(0, -(-n // world), chunk):
+        part, weight = mine[i:i + chunk], 1.0
+        if part.size == 0:
+            part, weight = np.arange(1), 0.0
+        tokens, lens = reader.rows(part)
+        batch = build_batch(tokens, lens, cfg.objective, [(cfg.seed, EVAL_STEP, int(r)) for r in part])
+        labelled = int((batch["labels"] != -100).sum())
+        if labelled == 0:
+            batch["labels"][0, 0], weight = batch["tokens"][0, 0], 0.0
+        batch = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
+        loss = engine(**batch).double()
+        total += torch.stack([loss * labelled * weight, torch.tensor(labelled * weight, dtype=torch.float64, device=device)])
     engine.train()
-    if torch.distributed.is_initialized():
+    if torch.distributed.is_initialized() and world > 1:
         torch.distributed.all_reduce(total)
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
-def _mean_across_ranks(losses: torch.Tensor) -> list[float]:
-    losses = losses.double()
+def _sum_across_ranks(values: torch.Tensor) -> list[float]:
+    values = values.double()
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(losses)
-        losses /= torch.distributed.get_world_size()
-    return losses.cpu().tolist()
+        torch.distributed.all_reduce(values)
+    return values.cpu().tolist()
+
+
+def _s_eff(manifest: dict, train: SplitReader, sample_rows: int = 4096) -> float:
+    """S_eff = Σl²/Σl of the training segments: from the manifest when ``data prepare`` recorded it, else
+    from the first ``sample_rows`` rows (a random sample: sequences are shuffled before packing)."""
+    recorded = manifest["splits"]["train"].get("s_eff")
+    if recorded:
+        return float(recorded)
+    return effective_context(train.rows(np.arange(min(train.n_rows, sample_rows)))[1])
 
 
 def _session():
@@ -180,10 +246,10 @@ def _session():
         return ray.tune
 
 
-def _has_split(data: str, split: str) -> bool:
-    from pathlib import Path
-
-    return split in SPLITS and any((Path(data) / split).glob("part-*.parquet"))
+def _has_split(manifest: dict, split: str) -> bool:
+    info = manifest.get("splits", {}).get(split, {})
+    rows = info.get("rows", sum(int(s["rows"]) for s in info.get("shards", [])))
+    return int(rows) > 0
 
 
 def _peak_flops(device: torch.device) -> float:

@@ -1,0 +1,64 @@
+"""The data-constrained law (Muennighoff et al. 2023) recovers a planted R* from a repeated/fresh pair."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from protscale.analysis import repetition
+
+
+def _pair(unique: float, r_star: float, noise: float = 0.0, seed: int = 0) -> dict:
+    # the fresh run follows L(D) = 1.9 + 40/D^0.28; the repeated run reaches L(D′(D)) at D tokens
+    rng = np.random.default_rng(seed)
+    t = np.geomspace(unique / 20, unique * 12, 120)
+    fresh = 1.9 + 40 / t ** 0.28
+    dp = repetition.effective_tokens(t, unique, r_star)
+    rep = (1.9 + 40 / dp ** 0.28) * np.exp(noise * rng.standard_normal(t.size))
+    return {"rep_tokens": t, "rep_loss": rep, "fresh_tokens": t * 1.5, "fresh_loss": 1.9 + 40 / (t * 1.5) ** 0.28}
+
+
+def test_effective_tokens_follow_the_law():
+    u = 1e9
+    d = np.array([5e8, 1e9, 2e9, 1e11])
+    dp = repetition.effective_tokens(d, u, 5.0)
+    assert dp[:2] == pytest.approx(d[:2])                          # first epoch: every token counts
+    assert dp[2] == pytest.approx(u + u * 5.0 * (1 - np.exp(-1 / 5.0)))
+    assert dp[3] < u * 6.0 and dp[3] == pytest.approx(u * 6.0, rel=1e-3)   # saturates at U·(1 + R*)
+
+
+def test_planted_r_star_and_unique_tokens_are_recovered():
+    res = repetition.fit_repetition([_pair(2e9, 4.0, noise=0.001, seed=1), _pair(2e9, 4.0, noise=0.001, seed=2)],
+                                    n_boot=20)
+    assert res["r_star"] == pytest.approx(4.0, rel=0.15)
+    assert res["unique_tokens"] == pytest.approx(2e9, rel=0.1)
+    lo, hi = res["r_star_ci95"]
+    assert lo <= res["r_star"] <= hi
+    # with U known from a manifest, only R* is fitted
+    fixed = repetition.fit_repetition([_pair(2e9, 4.0)], n_boot=10, unique=2e9)
+    assert fixed["r_star"] == pytest.approx(4.0, rel=0.02) and fixed["unique_tokens_fixed"]
+
+
+def test_repetition_warning_only_beyond_what_the_law_supports():
+    assert repetition.repetition_warning(5e8, 1e9, 5.0) is None          # less than one epoch
+    assert repetition.repetition_warning(1.5e9, 1e9, 5.0) is None        # a few repeats still pay
+    msg = repetition.repetition_warning(2e10, 1e9, 2.0)
+    assert msg and "repeat the data 20.0 times" in msg and "more unique data" in msg
+
+
+def test_plan_warns_when_the_answer_repeats_the_dataset(tmp_path):
+    import json
+
+    from protscale.analysis import plan
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"splits": {"train": {"tokens": 1e9}}}))
+    law = {"E": 2.0, "A": 100.0, "B": 1e4, "alpha": 0.35, "beta": 0.4}
+    res = {"objectives": {"clm": {"parametric": {"best": law}, "repetition": {"r_star": 2.0}}}}
+    small = plan.plan(res, 1e14, "clm", data=tmp_path)
+    assert small["unique_tokens"] == 1e9 and small["warnings"] == []          # D < U: nothing to say
+    big = plan.plan(res, 1e22, "clm", data=tmp_path)
+    assert big["parametric"]["d"] > 1e10
+    assert big["warnings"] and "R* = 2" in big["warnings"][0]
+    assert "warning: clm:" in plan.format_plan(big)
+    with pytest.raises(Exception, match="not a prepared dataset"):
+        plan.plan(res, 1e22, "clm", data=tmp_path / "nope")

@@ -1,0 +1,61 @@
+"""``data prepare`` on a two-node Ray cluster (``ray.cluster_utils.Cluster``): tasks run on both nodes and
+the dataset is the one a single node makes."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from protscale.data.bundled import MAIN, OOD
+from protscale.data.prepare import prepare
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Run in its own process: this test session already holds a single-node Ray (``ray_local``).
+TWO_NODES = textwrap.dedent("""
+    import json, sys
+    import ray
+    from ray.cluster_utils import Cluster
+    from protscale.data.prepare import prepare
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+    sources, out = json.loads(sys.argv[1]), sys.argv[2]
+    m = prepare(sources, out, ood=sys.argv[3], seq_len=128, rows_per_shard=128, progress=False)
+    print("RESULT " + json.dumps({"nodes": m["_run"]["nodes"], "hash": m["hash"],
+                                  "cluster_nodes": len(ray.nodes())}))
+    ray.shutdown()
+    cluster.shutdown()
+""")
+
+
+@pytest.mark.slow
+def test_prepare_on_two_nodes(ray_local, tmp_path):
+    # four input files, so the read stage alone has work for both nodes
+    text = gzip.decompress(MAIN.read_bytes()).decode().split("\n>")
+    files = []
+    for i in range(4):
+        part = text[i::4]
+        body = "\n>".join(part)
+        f = tmp_path / f"part-{i}.fasta"
+        f.write_text(body if body.startswith(">") else ">" + body)
+        files.append(str(f))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    proc = subprocess.run([sys.executable, "-c", TWO_NODES, json.dumps(files), str(tmp_path / "two"), str(OOD)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    got = json.loads(lines[-1][len("RESULT "):])
+    assert got["cluster_nodes"] == 2 and len(got["nodes"]) == 2, got  # both nodes ran tasks
+    one = prepare(files, tmp_path / "one", ood=OOD, seq_len=128, rows_per_shard=128, progress=False)
+    assert one["hash"] == got["hash"]  # same dataset as on one node
