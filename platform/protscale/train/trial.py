@@ -71,6 +71,8 @@ def trainer(cfg: TrialConfig, workers: tuple[int, int], storage: str, max_failur
 
     lo, hi = workers
     num_workers = hi if lo == hi else (lo, hi)
+    if lo != hi:
+        cfg = elastic_config(cfg, lo)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
@@ -81,6 +83,21 @@ def trainer(cfg: TrialConfig, workers: tuple[int, int], storage: str, max_failur
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks)),
     )
+
+
+def elastic_config(cfg: TrialConfig, min_workers: int) -> TrialConfig:
+    """An elastic GPU trial keeps one ZeRO stage at every world size of its range: a checkpoint cannot
+    move between ZeRO-0 and ZeRO >= 1 (``checkpoint.CheckpointLayoutError``). The stage the memory plan
+    needs at the smallest world size (at least 1) fits every larger one too."""
+    if cfg.zero_stage != "auto" or not cfg.gpu_memory_gb:
+        return cfg
+    from dataclasses import replace
+
+    from ..data.shards import read_manifest
+    from .plan import Plan
+
+    stage = Plan(cfg, read_manifest(cfg.data)["seq_len"], max(1, min_workers)).zero_stage
+    return replace(cfg, zero_stage=max(1, stage))
 
 
 def run_trial(cfg: TrialConfig, workers: tuple[int, int] = (1, 1), storage: str = "runs",
