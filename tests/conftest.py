@@ -17,8 +17,15 @@ def ray_local():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=True, logging_level="WARNING")
+    for attempt in (1, 2):      # Ray gives its raylet 30 s to start: a loaded 2-core machine can miss it
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(num_cpus=4, include_dashboard=True, logging_level="WARNING")
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield ray
     ray.shutdown()
 

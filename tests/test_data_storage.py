@@ -107,7 +107,7 @@ def test_a_trial_trains_from_s3(s3, tmp_path):
 
     uri = f"s3://{BUCKET}/datasets/trial-128"
     prepare([MAIN], uri, ood=OOD, seq_len=128, val_fraction=0.05, progress=False)
-    cfg = TrialConfig(objective="clm", size="tiny-3", budget_flops=6 * 147456 * 120_000, data=uri,
+    cfg = TrialConfig(objective="clm", size="tiny-2", budget_flops=6 * 55296 * 80_000, data=uri,
                       tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="s3", batch_tokens=4096,
                       eval_every=10, eval_rows=48)
     result = run_trial(cfg, workers=(0, 0), storage=str(tmp_path / "runs"))

@@ -208,17 +208,17 @@ def _protein_batches(steps=4):
 
 
 def _spawn(world, job, batches, root):
-    """``world`` ranks forked from this process, which has imported DeepSpeed already (seconds per rank
-    saved); each rank runs one intra-op thread, so no OpenMP pool crosses the fork."""
-    import deepspeed  # noqa: F401
+    """``world`` ranks forked from a fork server that has imported DeepSpeed once (seconds per rank
+    saved). Not forked from pytest itself: by now it may hold a Ray driver's threads, which a fork
+    would copy mid-flight."""
+    import multiprocessing.forkserver
 
-    import protscale.train.engine  # noqa: F401
-
+    multiprocessing.forkserver.set_forkserver_preload(["deepspeed", "protscale.train.engine"])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.multiprocessing.start_processes(_rank, args=(world, port, job, batches, str(root)), nprocs=world,
-                                          start_method="fork")
+                                          start_method="forkserver")
 
 
 @pytest.fixture(scope="module")

@@ -51,9 +51,10 @@ def peak(layers, d_model, heads, rows, seq_len, ckpt):
     return status("VmHWM:") - base
 
 torch.manual_seed(0)
-warm = ProteinLM(ModelConfig(1, 32, 2, causal=True))          # thread pools and kernels, not measured
-step(warm, torch.optim.AdamW(warm.parameters(), foreach=False), batch(2, 32))
-del warm
+for ckpt in (False, True):     # thread pools and the code of both paths paged in: not measured
+    warm = ProteinLM(ModelConfig(1, 32, 2, causal=True, attention="sdpa", activation_checkpointing=ckpt))
+    step(warm, torch.optim.AdamW(warm.parameters(), foreach=False), batch(2, 32))
+    del warm
 print(json.dumps([peak(*shape) for shape in json.loads(sys.argv[1])]))
 """
 

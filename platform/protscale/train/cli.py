@@ -15,7 +15,8 @@ def add_commands(sub) -> None:
     p.add_argument("--objective", choices=("clm", "mlm"), required=True)
     p.add_argument("--size", required=True, help="model size name (tiny-1..tiny-5, 3M..10B, esm2-650M)")
     p.add_argument("--budget-flops", type=float, required=True, help="compute budget C in FLOPs")
-    p.add_argument("--data", required=True, help="prepared dataset directory (protscale data prepare)")
+    p.add_argument("--data", required=True,
+                   help="prepared dataset: a directory or a URI such as s3://bucket/ds (protscale data prepare)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--experiment", default="protscale", help="MLflow experiment")
@@ -26,6 +27,10 @@ def add_commands(sub) -> None:
                    help="DeepSpeed ZeRO stage (auto: the memory plan's on GPUs, 0 on CPUs)")
     p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB",
                    help="with --gpu: memory of one GPU the memory plan fits (40 for A100-40GB, 141 for H200)")
+    p.add_argument("--attention", default="auto", choices=("auto", "sdpa", "flex", "flash"),
+                   help="attention kernel (auto: FlexAttention on GPUs, SDPA with the document mask on CPUs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (pays on GPUs; "
+                   "benchmarks/throughput.py measures it)")
     p.add_argument("--batch-tokens", type=int, default=0, help="tokens per step (0: paper rule by size)")
     p.add_argument("--lr-max", type=float, default=0.0, help="peak LR (0: paper rule by size)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evals/checkpoints (0: ~5 per trial)")
@@ -57,10 +62,10 @@ def run(args) -> int:
     from ..cli import UserError
     from ..tracking.contract import default_tracking_uri, resolve_tracking_uri
 
-    data = Path(args.data)
-    if not (data / "manifest.json").is_file():
-        raise UserError(f"--data {args.data}: not a prepared dataset (no manifest.json); "
-                        "run `protscale data prepare --help`")
+    from ..data.shards import read_manifest
+
+    read_manifest(args.data)        # a dataset without its manifest is refused here, in one line
+    data = args.data if "://" in args.data else str(Path(args.data).resolve())
     workers = parse_workers(args.workers)
 
     from .config import TrialConfig
@@ -68,7 +73,7 @@ def run(args) -> int:
 
     try:
         cfg = TrialConfig(objective=args.objective, size=args.size, budget_flops=args.budget_flops,
-                          data=str(data.resolve()),
+                          data=data, attention=args.attention, compile=args.compile,
                           tracking_uri=resolve_tracking_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri(),
                           experiment=args.experiment, name=args.name, seed=args.seed,
                           batch_tokens=args.batch_tokens, lr_max=args.lr_max, eval_every=args.eval_every,

@@ -7,6 +7,7 @@ build exactly the engine a trial trains with.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -69,3 +70,8 @@ def init_process_group(world: int, device: torch.device) -> None:
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    # A process that ran an earlier trial (local mode) may hold DeepSpeed's cached subgroups of a default
+    # group that has since been destroyed; the next engine would fail on them ("group not registered").
+    release = getattr(sys.modules.get("deepspeed.utils.groups"), "_release_process_group_references", None)
+    if release is not None:
+        release()
