@@ -40,7 +40,7 @@ def fitted(tmp_path_factory):
         assert rc == 0
         init = ",".join(repr(v) for v in (math.e, math.e ** 5, math.e ** 10, 0.5, 0.5))
         rc = main(["fit", "--experiment", "paper-clm", "--tracking-uri", str(db), "--out", str(tmp / "fit"),
-                   "--parametric-init", init, "--bootstrap-parametric", "50", "-q"])
+                   "--parametric-init", init, "--bootstrap-parametric", "20", "-q"])
         assert rc == 0
     finally:
         os.chdir(cwd)
