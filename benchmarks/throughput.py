@@ -37,12 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from protscale.model.sizes import peak_flops  # noqa: E402
+
 SEQ_LEN = 1024
 # Rows of 1024 tokens per step on one GPU: large enough to fill an H100/H200, small enough that the
 # transformers baseline (fp32 weights + autocast) fits beside its optimizer states. Halved once on OOM.
 DEFAULT_ROWS = {"85M": 32, "esm2-650M": 16, "esm2-3B": 8}
-# Dense bf16 datasheet peaks per device (the MFU denominators of the trial loop, train/loop.py).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def packed_rows(n_rows: int):
@@ -396,7 +396,7 @@ def main(argv=None) -> int:
         gpu = torch.cuda.get_device_name(device)
     else:
         gpu = "cpu"
-    args.peak = args.peak_tflops * 1e12 or next((v for k, v in PEAK_FLOPS.items() if k in gpu), 0.0)
+    args.peak = args.peak_tflops * 1e12 or peak_flops(gpu)
     args.matmul = matmul_peak(device)
     sizes = [s for s in args.sizes.split(",") if s]
     compiled = set(sizes) if args.compile_sizes == "all" else set(filter(None, args.compile_sizes.split(",")))

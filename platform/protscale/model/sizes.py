@@ -89,6 +89,15 @@ def get_size(name: str) -> ModelSize:
         raise KeyError(f"unknown model size {name!r}; known sizes: {', '.join(SIZES)}") from None
 
 
+# Dense bf16 peak FLOP/s of one device (vendor figures), for MFU and GPU-hour estimates.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device_name: str) -> float:
+    """The dense bf16 peak of a device by its name (``torch.cuda.get_device_name``); 0 when unknown."""
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_name), 0.0)
+
+
 def effective_context(seq_lens) -> float:
     """S_eff = Σ l² / Σ l over segment lengths (any iterable of ints or arrays of ints)."""
     import numpy as np

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..model.sizes import PEAK_FLOPS
 
 DEFAULT_MFU = 0.40             # a conservative figure for a plain PyTorch bf16 step (BioNeMo reports ~43-59%)
-DEFAULT_PEAK_TFLOPS = 989.0    # H100 SXM dense bf16
+DEFAULT_PEAK_TFLOPS = PEAK_FLOPS["H100"] / 1e12    # H100 SXM dense bf16
 
 
 def add_commands(sub) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..data.shards import SplitReader, read_manifest
-from ..model.sizes import FLOPS_CONVENTION, effective_context, train_flops_per_token
+from ..model.sizes import FLOPS_CONVENTION, effective_context, peak_flops, train_flops_per_token
 from ..tracking import contract as c
 from ..tracking.runs import MetricsLogger
 from . import checkpoint
@@ -41,9 +41,6 @@ from .engine import build_engine, init_process_group
 from .plan import Plan
 
 RESUMED_FROM_STEP = "resumed_from_step"     # MLflow tag: the step of the checkpoint of the last restart
-
-# Dense bf16 peak FLOP/s per device, for MFU (vendor figures).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -255,8 +252,7 @@ def _has_split(manifest: dict, split: str) -> bool:
 def _peak_flops(device: torch.device) -> float:
     if device.type != "cuda":
         return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+    return peak_flops(torch.cuda.get_device_name(device))
 
 
 def _maybe_inject_failure(cfg: TrialConfig, step: int) -> None:
