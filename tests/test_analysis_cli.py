@@ -128,6 +128,9 @@ def test_plan_answers_from_results(fitted, capsys):
     assert iso["d"] == pytest.approx(1e21 / (6 * iso["n"]))
     expect = synthetic.law_n_opt(synthetic.LAW, 1e21)
     assert p["parametric"]["n"] == pytest.approx(expect, rel=0.5)
+    # a usable law, asked beyond the budgets it was fitted on (1e18 to 1e20): usable, with a warning
+    assert p["usable"] and iso["usable"]
+    assert any("10.0× above the largest budget sampled" in w for w in iso["warnings"])
     assert main(["plan", "--budget-flops", "1e21", "--objective", "both", "--results", str(res)]) == 0
     out = capsys.readouterr().out
     assert "clm pre-training then mlm" in out and "N = " in out

@@ -16,14 +16,15 @@ EXACT = ["3M", "6M", "10M", "20M", "25M", "40M", "47M", "85M", "106M", "200M", "
          "880M", "1.5B", "2B", "2.4B", "3.4B", "4B", "6B", "10B"]
 
 
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
 @pytest.mark.parametrize("name", list(PAPER_SIZES))
-def test_counts_match_reference_table_and_the_module(name):
+def test_counts_match_reference_table_and_the_module(name, objective):
     size = PAPER_SIZES[name]
     with torch.device("meta"):                       # 10B parameters without allocating them
-        model = ProteinLM(ModelConfig.from_size(size, "clm"))
+        model = ProteinLM(ModelConfig.from_size(size, objective))
     total, non_embedding = model.count_parameters()
     assert non_embedding == size.n_params_non_embedding == 12 * size.layers * size.d_model ** 2
-    assert total == size.n_params(model.cfg.vocab_size)
+    assert total == size.n_params(model.cfg.vocab_size, objective)
     tolerance = 0 if name in EXACT else (0.025 if name == "13M" else 0.005)
     assert abs(non_embedding - size.reference_n) <= tolerance * size.reference_n
     assert size.d_model % size.heads == 0 and size.d_model // size.heads == 64

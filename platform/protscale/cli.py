@@ -14,6 +14,7 @@ STAGES = (
     "protscale.data.cli",
     "protscale.tracking.cli",
     "protscale.train.cli",
+    "protscale.model.cli",
     "protscale.sweep.cli",
     "protscale.analysis.cli",
     "protscale.cluster.cli",

@@ -53,14 +53,24 @@ def add_commands(sub) -> None:
                      "or coarse (243 starts, for quick looks)")
     fit.add_argument("--parametric-init", type=_floats, metavar="E,A,B,ALPHA,BETA",
                      help="also fit from this initial point (e.g. a paper's) and report where it lands")
+    fit.add_argument("--unigram-baseline", type=float, metavar="NATS",
+                     help="loss of predicting residues from their frequencies alone; fitted losses within 3%% of it "
+                     "are flagged (default 2.888: entropy of the UniProtKB/Swiss-Prot amino-acid composition)")
     fit.add_argument("--no-log", action="store_true", help="do not log an MLflow analysis run")
     fit.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     fit.set_defaults(func=_fit)
 
     pl = sub.add_parser(
         "plan", help="compute-optimal model size and tokens for a budget, from a fitted results.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Answer with N and D (and, for 'both', the split of compute between CLM pre-training and "
-        "MLM training) with 95% intervals, from the laws in a results.json written by `protscale fit`.")
+        "MLM training) with 95% intervals, from the laws in a results.json written by `protscale fit`.\n"
+        "Each answer carries the warnings of its law: not identifiable (near-equal basins that disagree, α or β\n"
+        "whose interval reaches 0), extrapolation beyond the budgets fitted (by how far), fitted losses near\n"
+        "the unigram baseline, an N interval wider than a factor 100. Answers resting on an unusable law are\n"
+        "marked UNUSABLE.",
+        epilog="exit status: 0 answer usable; 2 bad input (no such file, objective not fitted, ...); "
+        "3 answer printed, but every law it rests on is unusable (see its warnings)")
     pl.add_argument("--budget-flops", type=float, required=True, metavar="C", help="total compute budget in FLOPs")
     pl.add_argument("--objective", choices=("clm", "mlm", "both"), required=True)
     pl.add_argument("--results", default="fit/results.json", metavar="FILE",
@@ -82,6 +92,8 @@ def _fit(args) -> int:
 
     if args.bootstrap < 20 or args.bootstrap_parametric < 20:
         raise UserError("--bootstrap and --bootstrap-parametric need at least 20 replicates")
+    if args.unigram_baseline is not None and not args.unigram_baseline > 0:
+        raise UserError(f"--unigram-baseline must be a positive loss in nats, got {args.unigram_baseline}")
     uri = contract.resolve_tracking_uri(args.tracking_uri) if args.tracking_uri else contract.default_tracking_uri()
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
@@ -92,7 +104,7 @@ def _fit(args) -> int:
     check_tracking_access(uri)
     cfg = Config(n_boot=args.bootstrap, n_boot_parametric=args.bootstrap_parametric, seed=args.seed,
                  parametric_points=args.parametric_points, parametric_init=args.parametric_init,
-                 parametric_grid=args.parametric_grid,
+                 parametric_grid=args.parametric_grid, unigram_baseline=args.unigram_baseline,
                  metric=args.metric, progress=not args.quiet)
     out = Path(args.out)
     res = run_fit(uri, list(dict.fromkeys(args.experiment)), out, cfg, log=not args.no_log)
@@ -103,6 +115,8 @@ def _fit(args) -> int:
             lo, hi = iso["n_exponent_ci95"] or (float("nan"), float("nan"))
             print(f"{obj}: N_opt ∝ C^{iso['n_exponent']:.3f} [{lo:.3f}, {hi:.3f}]  "
                   f"D_opt ∝ C^{iso['d_exponent']:.3f}")
+            for w in iso.get("warnings") or []:
+                print(f"{obj}: IsoFLOP warning: {w}")
         else:
             print(f"{obj}: IsoFLOP not fitted: {iso.get('reason')}")
         if "best" in par:
@@ -111,8 +125,8 @@ def _fit(args) -> int:
             print(f"{obj}: L = {_num(b['E'], '.4g')} + {_num(b['A'], '.4g')}/N^{_num(b['alpha'], '.4f')} + "
                   f"{_num(b['B'], '.4g')}/D^{_num(b['beta'], '.4f')}; beta/(alpha+beta) = {_num(ae, '.3f')}; "
                   f"{len(par['basins'])} basin(s)")
-            if par.get("status") == "warning":
-                print(f"{obj}: parametric warning: {par.get('reason')}")
+            for w in ([par.get("degenerate_reason")] if par.get("degenerate") else []) + (par.get("warnings") or []):
+                print(f"{obj}: parametric warning: {w}")
         elif par.get("reason"):
             print(f"{obj}: parametric law not fitted: {par['reason']}")
     print(f"wrote {len(res['files'])} file(s) to {out}/ in {res['seconds']:.0f}s"
@@ -129,8 +143,9 @@ def _plan(args) -> int:
 
     from .plan import format_plan, plan
     from .results import clean_json, load_results
+    from .trust import EXIT_UNUSABLE
 
     res = load_results(args.results)
     p = plan(res, args.budget_flops, args.objective, data=args.data)
     print(json.dumps(clean_json(p), indent=1) if args.json else format_plan(p))
-    return 0
+    return 0 if p["usable"] else EXIT_UNUSABLE

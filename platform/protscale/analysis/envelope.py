@@ -55,18 +55,18 @@ def fit_envelope(curves: pd.DataFrame, run_blocks: dict, *, n_grid: int = 40, n_
     rng = np.random.default_rng(seed)
     R = len(ids)
     blocks = np.array([str(run_blocks.get(r, r)) for r in ids])
-    samples = {}
+    samples, intercepts = {}, {}
     for scheme in ("run", "budget"):
         C = simple_counts(R, n_boot, rng) if scheme == "run" else block_counts(blocks, n_boot, rng)
-        out_b = np.empty(n_boot)
+        out_b, out_i = np.empty(n_boot), np.empty(n_boot)
         for c0 in range(0, n_boot, 250):
             sel = C[c0:c0 + 250] > 0                                   # (B, R)
             Mb = np.where(sel[:, :, None], M[None, :, :], np.inf).min(1)  # (B, G)
             okb = np.isfinite(Mb)
             yb = np.where(okb, np.log(np.where(okb, Mb, 1.0)), np.nan)
-            s, _ = weighted_line(lc, yb, okb.astype(float))
-            out_b[c0:c0 + 250] = s
-        samples[scheme] = out_b
+            s, i = weighted_line(lc, yb, okb.astype(float))
+            out_b[c0:c0 + 250], out_i[c0:c0 + 250] = s, i
+        samples[scheme], intercepts[scheme] = out_b, out_i
     ci_r, ci_b = percentile_ci(samples["run"]), percentile_ci(samples["budget"])
     return {
         "a": float(np.exp(loga[0])), "b": float(b[0]),
@@ -74,4 +74,9 @@ def fit_envelope(curves: pd.DataFrame, run_blocks: dict, *, n_grid: int = 40, n_
         "compute_range": [float(grid[0]), float(grid[-1])], "n_runs": int(R),
         "grid": [float(v) for v in grid], "envelope": [float(v) if np.isfinite(v) else None for v in env],
         "bootstrap": {"n_boot": int(n_boot), "seed": int(seed)},
+        # for the band of the plot: up to 400 [b, ln a] pairs per scheme
+        "bootstrap_samples": {k: [[float(f"{b_:.6g}"), float(f"{i_:.6g}")] for b_, i_ in
+                                  zip(samples[k], intercepts[k]) if np.isfinite(b_) and np.isfinite(i_)][:400]
+                              for k in samples},
+        "bootstrap_samples_columns": ["b", "ln_a"],
     }

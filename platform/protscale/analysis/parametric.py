@@ -444,30 +444,33 @@ def _bootstrap_parametric(n, d, loss, blocks, fit: ParametricFit, *, n_boot: int
     rng = np.random.default_rng(seed)
     out = {}
     prog = Progress("parametric bootstrap", 2 * n_boot, progress)
-    done = 0
-    ref_basins = list(fit.basin_thetas) or [fit.theta]
-    for scheme in ("run", "budget"):
-        counts = simple_counts(n.size, n_boot, rng) if scheme == "run" else block_counts(blocks, n_boot, rng)
-        res = np.full((n_boot, 5), np.nan)
-        which = np.full(n_boot, -1)
-        near = np.zeros(n_boot, dtype=int)
-        for c0 in range(0, n_boot, chunk):
-            cw = counts[c0:c0 + chunk]
-            best, fbest, ends, fends = refit_grid(logN, logD, logL, cw, starts, delta=delta)
-            res[c0:c0 + cw.shape[0]] = best
-            for r in range(cw.shape[0]):
-                which[c0 + r] = _basin_of(best[r], ref_basins)
-                ok = fends[r] <= fbest[r] * (1 + basin_rel_tol) + 1e-15
-                reps, _ = _cluster(ends[r][ok], fends[r][ok], logN, logD)
-                near[c0 + r] = len(reps)
-            done += cw.shape[0]
-            prog.update(done)
-        out[scheme] = {
-            "E": np.exp(res[:, 0]), "A": np.exp(res[:, 1]), "B": np.exp(res[:, 2]),
-            "alpha": res[:, 3], "beta": res[:, 4],
-            "allocation_exponent": allocation_exponent(res[:, 3], res[:, 4]),
-            "basin": which, "n_near_basins": near,
-        }
+    try:
+        done = 0
+        ref_basins = list(fit.basin_thetas) or [fit.theta]
+        for scheme in ("run", "budget"):
+            counts = simple_counts(n.size, n_boot, rng) if scheme == "run" else block_counts(blocks, n_boot, rng)
+            res = np.full((n_boot, 5), np.nan)
+            which = np.full(n_boot, -1)
+            near = np.zeros(n_boot, dtype=int)
+            for c0 in range(0, n_boot, chunk):
+                cw = counts[c0:c0 + chunk]
+                best, fbest, ends, fends = refit_grid(logN, logD, logL, cw, starts, delta=delta)
+                res[c0:c0 + cw.shape[0]] = best
+                for r in range(cw.shape[0]):
+                    which[c0 + r] = _basin_of(best[r], ref_basins)
+                    ok = fends[r] <= fbest[r] * (1 + basin_rel_tol) + 1e-15
+                    reps, _ = _cluster(ends[r][ok], fends[r][ok], logN, logD)
+                    near[c0 + r] = len(reps)
+                done += cw.shape[0]
+                prog.update(done)
+            out[scheme] = {
+                "E": np.exp(res[:, 0]), "A": np.exp(res[:, 1]), "B": np.exp(res[:, 2]),
+                "alpha": res[:, 3], "beta": res[:, 4],
+                "allocation_exponent": allocation_exponent(res[:, 3], res[:, 4]),
+                "basin": which, "n_near_basins": near,
+            }
+    finally:
+        prog.close()
     return out
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 
 from protscale.cli import UserError
 
-from . import allocation, envelope, isoflop, parametric, transfer
+from . import allocation, envelope, isoflop, parametric, transfer, trust
 from .checks import CheckReport
 from .checks import final_points, run_checks
 from .results import SCHEMA_VERSION, clean_json
@@ -40,6 +40,8 @@ class Config:
     parametric_grid: str | dict = "full"  # "full" (4,500 starts), "coarse" (243) or {e, a, b, alpha, beta: values}
     basin_rel_tol: float = 0.02
     metric: str = "val_loss"
+    unigram_baseline: float | None = None   # nats; None: trust.UNIGRAM_BASELINE_NATS (Swiss-Prot composition)
+    baseline_margin: float = trust.BASELINE_MARGIN
     progress: bool = True
 
     def to_json(self) -> dict:
@@ -78,7 +80,9 @@ def _analyze(runs: pd.DataFrame, curves: pd.DataFrame, cfg: Config, *,
         raise UserError(f"no run left to fit after the data checks ({rep.summary()})")
     objectives = sorted(str(o) for o in clean_runs["objective"].dropna().unique())
     out = {"schema_version": SCHEMA_VERSION, "experiments": experiments or [], "tracking_uri": tracking_uri,
-           "config": cfg.to_json(), "checks": None, "objectives": {}}
+           "config": cfg.to_json(), "checks": None,
+           "unigram_baseline": trust.baseline_info(cfg.unigram_baseline, cfg.baseline_margin), "objectives": {}}
+    baseline = out["unigram_baseline"]
     plot_data: dict = {}
     notes: list[str] = []
     skipped_reasons = []
@@ -126,6 +130,7 @@ def _analyze(runs: pd.DataFrame, curves: pd.DataFrame, cfg: Config, *,
             r["bootstrap_samples_columns"] = ["n_exponent", "log10_n_coefficient"]
             r["empirical_optima"] = emp
             r["grid_advice"] = adv = isoflop.grid_advice(emp, r["dropped_budgets"])
+            _isoflop_trust(r, emp, baseline)
             res["isoflop"] = r
             pd_obj["isoflop"] = iso
             _dropped_issues(rep, obj, r["dropped_budgets"])
@@ -140,6 +145,9 @@ def _analyze(runs: pd.DataFrame, curves: pd.DataFrame, cfg: Config, *,
                 reason = f"{reason}. " + " ".join(adv["messages"])
             res["isoflop"] = {"status": "skipped", "reason": reason, "dropped_budgets": dropped,
                               "empirical_optima": emp, "grid_advice": adv}
+            bw, _ = trust.baseline_warning([e["loss_best"] for e in emp], baseline,
+                                           f"the {len(emp)} budgets' best losses")
+            res["isoflop"]["warnings"] = [bw] if bw else []
             if getattr(exc, "profiles", None):
                 pd_obj["isoflop_profiles"] = exc.profiles
             _dropped_issues(rep, obj, dropped)
@@ -149,15 +157,20 @@ def _analyze(runs: pd.DataFrame, curves: pd.DataFrame, cfg: Config, *,
         # envelope
         try:
             blocks = dict(zip(fp["run_id"], fp["budget"])) if len(fp) else {}
-            res["envelope"] = envelope.fit_envelope(sc_curves, blocks, n_boot=cfg.n_boot, seed=cfg.seed,
-                                                    objective=obj)
+            res["envelope"] = env = envelope.fit_envelope(sc_curves, blocks, n_boot=cfg.n_boot, seed=cfg.seed,
+                                                          objective=obj)
+            bw, bad = trust.baseline_warning(env["envelope"], baseline, "the envelope's losses")
+            env.update(warnings=[bw] if bw else [], unusable=bad, budget_range=env["compute_range"])
         except UserError as exc:
             res["envelope"] = {"status": "skipped", "reason": str(exc)}
         # parametric
-        res["parametric"] = _parametric(obj, fp, pd_obj.get("final_points_all", fp), cfg, pd_obj, rep)
+        res["parametric"] = _parametric(obj, fp, pd_obj.get("final_points_all", fp), cfg, pd_obj, rep, baseline)
         par = res["parametric"]
         if par.get("status") == "warning":
             notes.append(f"{obj.upper()} parametric law: {par['reason']}")
+        iso_w = (res.get("isoflop") or {}).get("warnings") or []
+        if iso_w:
+            notes.append(f"{obj.upper()} IsoFLOP frontier: " + "; ".join(iso_w))
         # transfer (this objective as the target)
         res["transfer"] = _transfer(obj, clean_runs, clean_curves, fp, cfg, pd_obj)
         # compute-optimal allocation table
@@ -182,6 +195,23 @@ def _fitted(r: dict) -> bool:
             or "best" in (r.get("parametric") or {}) or "k" in (r.get("transfer") or {}))
 
 
+def _isoflop_trust(r: dict, emp: list[dict], baseline: dict) -> None:
+    """Warnings, ``unusable`` and ``budget_range`` of a fitted IsoFLOP frontier (see ``trust.py``)."""
+    used = [b for b in r["budgets"] if b["used"]]
+    r["budget_range"] = [min(b["budget"] for b in used), max(b["budget"] for b in used)]
+    best = {e["budget"]: e["loss_best"] for e in emp}
+    bw, bad = trust.baseline_warning([best.get(b["budget"]) for b in used], baseline,
+                                     f"the {len(used)} frontier budgets' best losses")
+    warnings = [bw] if bw else []
+    if r["n_exponent_ci95"] is None:
+        warnings.append("no interval for the exponent: too few bootstrap replicates succeeded")
+        bad = True
+    if len(used) == 2:
+        warnings.append("the frontier rests on 2 budgets only: its interval cannot show how budgets scatter "
+                        "around the line")
+    r["warnings"], r["unusable"] = warnings, bool(bad)
+
+
 def _dropped_issues(rep: CheckReport, obj: str, dropped: list[dict]) -> None:
     for d in dropped:
         rep.issues.append({"check": "isoflop_budget", "severity": "warning", "run_ids": [],
@@ -197,7 +227,7 @@ def _enough(pts: pd.DataFrame) -> bool:
 
 
 def _parametric(obj: str, fp: pd.DataFrame, fp_all: pd.DataFrame, cfg: Config, pd_obj: dict,
-                rep: CheckReport | None = None) -> dict:
+                rep: CheckReport | None = None, baseline: dict | None = None) -> dict:
     rep = rep if rep is not None else CheckReport()
     if len(fp_all) == 0:
         return {"status": "skipped", "reason": f"objective {obj}: no clean scratch run reached its budget"}
@@ -258,12 +288,25 @@ def _parametric(obj: str, fp: pd.DataFrame, fp_all: pd.DataFrame, cfg: Config, p
             rep.add("parametric_extrapolation", "warning", [], f"[{obj}] {msg}")
     n_bad = {k: float(np.mean(~np.isfinite(parametric.optimal_n(v["A"], v["B"], v["alpha"], v["beta"], 1e20))))
              for k, v in boot.items()}
+    alpha_ci, beta_ci = ci["alpha"]["ci95"], ci["beta"]["ci95"]
+    ident, unusable = trust.parametric_identifiability(
+        {"basins": fit.basins, "basin_rel_tol": cfg.basin_rel_tol, "alpha_ci95": alpha_ci, "beta_ci95": beta_ci})
+    warnings += ident
+    for w in ident:
+        rep.add("parametric_identifiability", "warning", [], f"[{obj}] {w}")
+    bw, near = trust.baseline_warning(L, baseline or trust.baseline_info(), "the points fitted")
+    if bw:
+        warnings.append(bw)
+        rep.add("unigram_baseline", "warning", [], f"[{obj}] parametric law: {bw}")
     problems = ([degenerate] if degenerate else []) + warnings
     r = {
         "status": "warning" if problems else "ok",
         **({"reason": "; ".join(problems)} if problems else {}),
         "degenerate": bool(degenerate),
+        "degenerate_reason": degenerate,
         "warnings": warnings,
+        "unusable": bool(degenerate) or unusable or near,
+        "budget_range": [float(pts["budget"].min()), float(pts["budget"].max())],
         "points": how, "n_points": fit.n_points, "n_starts": fit.n_starts, "huber_delta": parametric.HUBER_DELTA,
         "best": best, "objective_value": fit.objective,
         "allocation_exponent": (float("nan") if degenerate

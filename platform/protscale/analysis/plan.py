@@ -1,10 +1,15 @@
-"""``protscale plan``: the compute-optimal model size and tokens for a budget, from a results.json."""
+"""``protscale plan``: the compute-optimal model size and tokens for a budget, from a results.json.
+
+Every answer carries ``warnings`` (the law's own from results.json, extrapolation beyond the budgets it was
+fitted on, a too-wide interval: ``trust.py``) and ``usable``; the whole answer is ``usable`` when at least one
+of its answers is. ``protscale plan`` exits with ``trust.EXIT_UNUSABLE`` (3) when it is not.
+"""
 
 from __future__ import annotations
 
 from protscale.cli import UserError
 
-from . import allocation, repetition
+from . import allocation, repetition, trust
 
 
 def _ci(iv, fmt="{:.3g}") -> str:
@@ -49,10 +54,43 @@ def plan(results: dict, budget_flops: float, objective: str, data=None) -> dict:
     """Answer for ``objective`` in {"clm", "mlm", ...} or "both" (source pre-training then target); with
     ``data`` (a prepared dataset) also warn when the answer would repeat its unique tokens."""
     p = _plan(results, budget_flops, objective)
+    _trust(results, p)
     if data is not None:
         p["unique_tokens"] = unique_tokens(data)
-        p["warnings"] = repetition_warnings(results, p, p["unique_tokens"])
+        p["warnings"] += repetition_warnings(results, p, p["unique_tokens"])
     return p
+
+
+def _trust(results: dict, p: dict) -> None:
+    """Attach ``warnings`` and ``usable`` to every answer of ``p`` and to ``p`` itself."""
+    objs = results.get("objectives") or {}
+    C = p["budget_flops"]
+    summary: list[str] = []
+
+    def methods(obj: str, a: dict | None, tag: str = "") -> list[bool]:
+        ok = []
+        for m in ("isoflop", "parametric"):
+            ans = (a or {}).get(m)
+            if not ans or "n" not in ans:
+                continue
+            w, bad = trust.answer_warnings((objs.get(obj) or {}).get(m) or {}, ans, C)
+            ans["warnings"], ans["usable"] = w, not bad
+            summary.extend(f"{tag}{obj} {m}: {x}" for x in w)
+            ok.append(not bad)
+        return ok
+
+    if p["objective"] == "both":
+        s = p["split"]
+        tgt = objs.get(s["target"]) or {}
+        w, bad = trust.answer_warnings(tgt.get("parametric") or {}, s, C)
+        tw = (tgt.get("transfer") or {}).get("warnings") or []
+        s["warnings"], s["usable"] = w + list(tw), not bad
+        summary.extend(f"split ({s['target']} parametric law): {x}" for x in s["warnings"])
+        methods(s["target"], p.get("target_alone"), "alone: ")
+        p["usable"] = s["usable"]
+    else:
+        p["usable"] = any(methods(p["objective"], p))
+    p["warnings"] = summary
 
 
 def _plan(results: dict, budget_flops: float, objective: str) -> dict:
@@ -95,7 +133,10 @@ def format_plan(p: dict) -> str:
                 lines.append(f"  {tag}{method:10s} n/a: {m.get('reason')}")
             elif m:
                 lines.append(f"  {tag}{method:10s} N = {m['n']:.4g} {_ci(m['n_ci95'])}   "
-                             f"D = {m['d']:.4g} tokens {_ci(m['d_ci95'])}")
+                             f"D = {m['d']:.4g} tokens {_ci(m['d_ci95'])}"
+                             + ("" if m.get("usable", True) else "   UNUSABLE"))
+                for w in m.get("warnings") or []:
+                    lines.append(f"  {tag}{'':10s} warning: {w}")
 
     if p["objective"] == "both":
         s = p["split"]
@@ -103,7 +144,9 @@ def format_plan(p: dict) -> str:
         lines.append(f"  {s['source']} pre-training then {s['target']}, same model (pre-training as in the measured "
                      f"transfer runs: D_{s['source']} = {rule.get('coefficient', float('nan')):.3g}·"
                      f"N^{rule.get('exponent', float('nan')):.3f} tokens):")
-        lines.append(f"    N = {s['n']:.4g} {_ci(s.get('n_ci95'))}")
+        lines.append(f"    N = {s['n']:.4g} {_ci(s.get('n_ci95'))}" + ("" if s.get("usable", True) else "   UNUSABLE"))
+        for w in s.get("warnings") or []:
+            lines.append(f"    warning: {w}")
         lines.append(f"    {s['source']}: {100 * s['source_fraction']:.0f}% of C "
                      f"{_ci(s.get('source_fraction_ci95'), '{:.2f}')} = {s['source_flops']:.3g} FLOPs, "
                      f"{s['source_tokens']:.4g} tokens")
@@ -117,6 +160,13 @@ def format_plan(p: dict) -> str:
     else:
         block("", p)
     lines.append("  (95% intervals: hull of run-level and budget-blocked bootstrap)")
+    shown = {w for k in ("isoflop", "parametric") for w in ((p.get(k) or {}).get("warnings") or [])}
+    for a in (p.get("split"), p.get("target_alone")):
+        shown |= {w for w in ((a or {}).get("warnings") or [])}
+        shown |= {w for k in ("isoflop", "parametric") for w in (((a or {}).get(k) or {}).get("warnings") or [])}
     for w in p.get("warnings") or []:
-        lines.append(f"  warning: {w}")
+        if w.split(": ", 1)[-1] not in shown and w not in shown:
+            lines.append(f"  warning: {w}")
+    if not p.get("usable", True):
+        lines.append(f"  no usable answer: every law above is flagged UNUSABLE (exit status {trust.EXIT_UNUSABLE})")
     return "\n".join(lines)

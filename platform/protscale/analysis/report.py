@@ -26,6 +26,15 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return out + [""]
 
 
+def _warnings(law: dict) -> list[str]:
+    """A law's warnings (results.json ``warnings``), flagged when they make it unusable."""
+    ws = law.get("warnings") or []
+    if not ws:
+        return []
+    head = ("**Warnings — unusable for allocation:**" if law.get("unusable") else "**Warnings:**")
+    return [head, ""] + [f"- {w}" for w in ws] + [""]
+
+
 def build_markdown(results: dict, plots: list[Path]) -> str:
     L: list[str] = ["# protscale scaling-law fit", ""]
     L.append(f"Experiments: {', '.join(results.get('experiments') or ['(in memory)'])}; "
@@ -35,6 +44,10 @@ def build_markdown(results: dict, plots: list[Path]) -> str:
              f"({cfg.get('n_boot_parametric')} for the parametric law), seed {cfg.get('seed')}. Intervals are 95% "
              "percentile intervals; the one reported is the hull of the run-level and the budget-blocked "
              "bootstrap.")
+    ub = results.get("unigram_baseline")
+    if ub:
+        L.append(f"Unigram baseline (loss of predicting each residue from its frequency alone): {ub['nats']:.3f} nats "
+                 f"({ub['source']}); losses within {100 * ub['margin']:.0f}% of it are flagged.")
     L.append("")
     if results.get("notes"):
         L += ["## Summary", ""]
@@ -76,9 +89,11 @@ def build_markdown(results: dict, plots: list[Path]) -> str:
             for d in iso.get("dropped_budgets", []):
                 L.append(f"- budget {d['budget']:.3g} left out: {d['reason']}")
             L.append("")
+            L += _warnings(iso)
             L += _grid_advice(iso)
         else:
             L += [f"**Not fitted.** {iso.get('reason')}", ""]
+            L += _warnings(iso)
             L += _empirical_table(iso)
             for d in iso.get("dropped_budgets", []):
                 L.append(f"- budget {d['budget']:.3g}: {d['reason']}")
@@ -90,14 +105,16 @@ def build_markdown(results: dict, plots: list[Path]) -> str:
         if "b" in env:
             L += [f"L(C) = {_f(env['a'], '.4g')}·C^{_f(env['b'], '.5f')}, exponent 95% {_ci(env['b_ci95'], '{:.5f}')} "
                   f"over C in [{env['compute_range'][0]:.3g}, {env['compute_range'][1]:.3g}] ({env['n_runs']} runs).", ""]
+            L += _warnings(env)
         else:
             L += [f"Not fitted: {env.get('reason')}", ""]
         par = r.get("parametric") or {}
         L += ["### Parametric law L(N, D) = E + A/N^α + B/D^β", ""]
         if "best" in par:
             b = par["best"]
-            if par.get("status") == "warning":
-                L += [f"**Warning**: {par.get('reason')}.", ""]
+            if par.get("degenerate"):
+                L += [f"**Warning**: {par.get('degenerate_reason') or par.get('reason')}.", ""]
+            L += _warnings(par)
             L.append(f"Points: {par['points']} ({par['n_points']}); Huber δ = {par['huber_delta']} summed over "
                      f"log-sum-exp residuals; L-BFGS from {par['n_starts']} grid starts.")
             L.append("")

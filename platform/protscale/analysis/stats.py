@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import time
 
 import numpy as np
 
@@ -104,22 +103,39 @@ def block_counts(blocks: np.ndarray, n_boot: int, rng: np.random.Generator) -> n
 
 
 class Progress:
-    """One-line progress on stderr for slow steps (bootstrap); silent when ``enabled`` is false."""
+    """A progress bar on stderr (rich, as the sweep's display) for slow steps: the bootstrap loops.
+
+    Off when ``enabled`` is false (``protscale fit -q``) or when stderr is not a terminal (logs, CI, pipes):
+    a bar redrawn in place is noise in a log file. ``update(done)`` takes the running total."""
 
     def __init__(self, label: str, total: int, enabled: bool = True):
-        self.label, self.total, self.enabled = label, max(int(total), 1), enabled
-        self.t0 = time.monotonic()
-        self._last = -1.0
+        self.total = max(int(total), 1)
+        self._bar = None
+        if enabled and _stderr_is_tty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(TextColumn(f"  {label}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(label, total=self.total)
 
     def update(self, done: int) -> None:
-        if not self.enabled:
+        if self._bar is None:
             return
-        now = time.monotonic()
-        if done < self.total and now - self._last < 0.5:
-            return
-        self._last = now
-        pct = 100.0 * done / self.total
-        sys.stderr.write(f"\r  {self.label}: {done}/{self.total} ({pct:3.0f}%) {now - self.t0:5.1f}s")
+        self._bar.update(self._task, completed=min(int(done), self.total))
         if done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False

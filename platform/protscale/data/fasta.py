@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
+import numpy as np
+
 from ..cli import UserError
 from .tokenizer import VALID_RESIDUES
 
@@ -166,6 +168,36 @@ def _raise(problem: Problem) -> None:
     raise FastaError(f"{problem}{hint}")
 
 
+def _runs(name: str, fh: BinaryIO, chunk_size: int, report: Callable[[Problem], None]) -> Iterator[tuple[bytes, int]]:
+    """``(run, line)``: the file's records as runs of whole records joined by ``b"\\n>"`` (the first record's
+    own ``'>'`` stripped, so ``run.split(b"\\n>")`` gives the record texts), and the line of the run's first
+    header. Text before the first header is checked here (it must be blank)."""
+    line = 1  # line number of the header that starts ``pending`` (once the first header was seen)
+    started = False
+    pending = b"\n"  # before the first header: an artificial newline, so the first '>' matches b"\n>"
+    for block in _chunks(name, fh, chunk_size):
+        pending += block
+        cut = pending.rfind(b"\n>")
+        if cut < 0:
+            if not started and len(pending) > chunk_size and pending.strip(_WHITESPACE):
+                raise FastaError(f"{name}: not FASTA: no '>' header in the first {len(pending) >> 10} KiB")
+            continue
+        # Complete records end at the last "\n>"; the text after it starts with a header.
+        run, pending = pending[:cut], pending[cut + 2:]
+        if not started:
+            k = run.find(b"\n>")
+            line, started = _preamble(name, run if k < 0 else run[:k], report), True
+            if k < 0:
+                continue
+            run = run[k + 2:]
+        yield run, line
+        line += run.count(b"\n") + 1  # the run's newlines and the one of the "\n>" cut after it
+    if not started:  # no header at all: everything is preamble
+        _preamble(name, pending, report)
+    else:
+        yield pending, line
+
+
 def read_fasta(path: str | Path, on_invalid: Callable[[Problem], None] | None = None,
                chunk_size: int = CHUNK_SIZE, *, fs=None, digest: Digest | None = None,
                name: str | None = None) -> Iterator[Record]:
@@ -177,37 +209,97 @@ def read_fasta(path: str | Path, on_invalid: Callable[[Problem], None] | None = 
     """
     report = on_invalid or _raise
     name = name or str(path)
-    line = 1  # line number of the header that starts ``pending`` (once the first header was seen)
-    started = False
-    pending = b"\n"  # before the first header: an artificial newline, so the first '>' matches b"\n>"
-
-    def records(texts: list[bytes]) -> Iterator[Record]:
-        nonlocal line, started
-        for text in texts:
-            if not started:
-                line, started = _preamble(name, text, report), True
-                continue
-            rec = _record(name, text, line, report)
-            line += text.count(b"\n") + 1
-            if rec is not None:
-                yield rec
-
     with open_fasta(path, fs, digest) as fh:
-        for block in _chunks(name, fh, chunk_size):
-            pending += block
-            cut = pending.rfind(b"\n>")
-            if cut < 0:
-                if not started and len(pending) > chunk_size and pending.strip(_WHITESPACE):
-                    raise FastaError(f"{name}: not FASTA: no '>' header in the first "
-                                     f"{len(pending) >> 10} KiB")
-                continue
-            # Complete records end at the last "\n>"; the text after it starts with a header.
-            texts, pending = pending[:cut].split(b"\n>"), pending[cut + 2:]
-            yield from records(texts)
-        if not started:  # no header at all: everything is preamble
-            _preamble(name, pending, report)
-        else:
-            yield from records(pending.split(b"\n>"))
+        for run, line in _runs(name, fh, chunk_size, report):
+            yield from _run_records(name, run, line, report)
+
+
+def _run_records(name: str, run: bytes, line: int, report: Callable[[Problem], None]) -> Iterator[Record]:
+    for text in run.split(b"\n>"):
+        rec = _record(name, text, line, report)
+        line += text.count(b"\n") + 1
+        if rec is not None:
+            yield rec
+
+
+# --- whole blocks of records at once ---------------------------------------------------------------------
+
+@dataclass
+class SeqBlock:
+    """Consecutive valid records as flat arrays: ``residues`` (uint8, upper-case letters, concatenated) and
+    ``offsets`` (int64, records + 1): record ``i`` is ``residues[offsets[i]:offsets[i + 1]]``."""
+
+    residues: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return self.offsets.size - 1
+
+    @classmethod
+    def from_seqs(cls, seqs: list[bytes]) -> "SeqBlock":
+        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs)), out=offsets[1:])
+        return cls(np.frombuffer(b"".join(seqs), dtype=np.uint8), offsets)
+
+    def seqs(self) -> list[bytes]:
+        data, off = self.residues.tobytes(), self.offsets.tolist()
+        return [data[a:b] for a, b in zip(off[:-1], off[1:])]
+
+
+# Byte -> upper-case residue; 0 for whitespace (dropped); 255 for anything not allowed in a sequence line.
+_UPPER = np.full(256, 255, dtype=np.uint8)
+for _b in _ACCEPTED:
+    _UPPER[_b] = ord(chr(_b).upper())
+for _b in _WHITESPACE:
+    _UPPER[_b] = 0
+_IS_SPACE = _UPPER == 0
+
+
+def read_fasta_blocks(path: str | Path, on_invalid: Callable[[Problem], None] | None = None,
+                      chunk_size: int = CHUNK_SIZE, *, fs=None, digest: Digest | None = None,
+                      name: str | None = None) -> Iterator[SeqBlock]:
+    """The valid records of ``path`` in order, as ``SeqBlock``s of about ``chunk_size`` text bytes each.
+
+    Same records, validation and ``FILE:LINE`` messages as ``read_fasta``: a block is parsed with array
+    operations over all its bytes at once; a block holding any problem is parsed again record by record,
+    which reports the problem exactly (or skips the record, as ``on_invalid`` says)."""
+    report = on_invalid or _raise
+    name = name or str(path)
+    with open_fasta(path, fs, digest) as fh:
+        for run, line in _runs(name, fh, chunk_size, report):
+            blk = _parse_run(run)
+            if blk is None:
+                blk = SeqBlock.from_seqs([rec.seq for rec in _run_records(name, run, line, report)])
+            if len(blk):
+                yield blk
+
+
+def _parse_run(run: bytes) -> SeqBlock | None:
+    """The records of ``run`` (see ``_runs``) with array operations; None when any record has a problem
+    (an invalid character, an empty sequence, a header without identifier), for the exact path to report."""
+    a = np.frombuffer(run, dtype=np.uint8)
+    nl = np.flatnonzero(a == 10)
+    after = nl[nl + 1 < a.size] + 1
+    hs = np.concatenate(([0], after[a[after] == 62]))  # header starts: 0 and every '>' after a newline
+    j = np.searchsorted(nl, hs)
+    if j[-1] >= nl.size:
+        return None  # the last header has no sequence line
+    he = nl[j]  # the newline ending each header
+    text0 = hs + (hs > 0)  # the header text after its '>' (the first record's '>' was stripped)
+    if (text0 >= he).any() or _IS_SPACE[a[text0]].any():
+        return None  # an empty header (or one starting with a blank): the exact path decides
+    u = _UPPER[a]
+    hl = he - hs
+    u[np.repeat(hs - (np.cumsum(hl) - hl), hl) + np.arange(int(hl.sum()))] = 0  # blank the header lines
+    if u.max() == 255:
+        return None  # an invalid character somewhere
+    keep = u != 0
+    counts = np.add.reduceat(keep, hs, dtype=np.int64)
+    if not counts.all():
+        return None  # an empty sequence
+    offsets = np.zeros(counts.size + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return SeqBlock(u[keep], offsets)
 
 
 def _preamble(path: str, text: bytes, report: Callable[[Problem], None]) -> int:

@@ -60,6 +60,7 @@ READ_BATCH_RESIDUES = 4 << 20  # a read task emits a batch per ~4M residues
 RESIDUES_PER_COMPRESSED_BYTE = 1.7  # estimate for gzip FASTA (1.0 for plain text), to size the buckets
 MAX_BUCKETS = 1 << 16  # ~8M tokens each at the defaults: 0.5T tokens before buckets grow
 MAX_PARTITIONS = 2048  # shuffle partitions (a task de-duplicates the few buckets of one)
+INTERMEDIATE_COMPRESSION = "lz4"  # de-duplicated buckets, read back once: fast beats small
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 
 
@@ -109,6 +110,14 @@ _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 def seq_hash(seq: bytes) -> int:
     """64-bit identity of a sequence (bucket, sampling); de-duplication still compares the bytes."""
     return int.from_bytes(hashlib.blake2b(seq, digest_size=8).digest(), "little")
+
+
+def seq_hashes(residues: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``seq_hash`` of every sequence of a block (``residues[offsets[i]:offsets[i + 1]]``), as uint64."""
+    mv, b2 = memoryview(np.ascontiguousarray(residues)), hashlib.blake2b
+    off = offsets.tolist()
+    digests = b"".join([b2(mv[s:e], digest_size=8).digest() for s, e in zip(off[:-1], off[1:])])
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
 
 
 def uniform(h: np.ndarray, seed: int, stream: int) -> np.ndarray:
@@ -183,10 +192,11 @@ def _node_id() -> str:
 # ----------------------------------------------------------------------------------- 1. read (tasks)
 def _read_files(batch: dict, *, inputs: list[tuple], n_buckets: int, on_invalid: str) -> Iterator:
     """Ray Data UDF: for each file index in ``batch``, stream its records as Arrow tables of (bucket, src,
-    ord, seq, h), then one row with ``bucket = -1`` whose ``seq`` is the file's statistics as JSON."""
+    ord, seq, h), one per block of ~4 MiB of text, then one row with ``bucket = -1`` whose ``seq`` is the
+    file's statistics as JSON."""
     import pyarrow as pa
 
-    from .fasta import Digest, read_fasta
+    from .fasta import Digest, read_fasta_blocks
 
     for i in batch["file"]:
         i = int(i)
@@ -198,20 +208,12 @@ def _read_files(batch: dict, *, inputs: list[tuple], n_buckets: int, on_invalid:
             if len(first) < FIRST_PROBLEMS:
                 first.append(str(problem))
 
-        seqs, hashes = [], []
-        n_records = n_residues = pending = start = 0
-        for rec in read_fasta(path, skip if on_invalid == "skip" else None, fs=fs, digest=digest, name=name):
-            seqs.append(rec.seq)
-            hashes.append(seq_hash(rec.seq))
-            pending += len(rec.seq)
-            if pending >= READ_BATCH_RESIDUES:
-                yield _records_table(pa, i, start, seqs, hashes, n_buckets)
-                n_records, n_residues = n_records + len(seqs), n_residues + pending
-                start += len(seqs)
-                seqs, hashes, pending = [], [], 0
-        n_records, n_residues = n_records + len(seqs), n_residues + pending
-        if seqs:
-            yield _records_table(pa, i, start, seqs, hashes, n_buckets)
+        n_records = n_residues = 0
+        for blk in read_fasta_blocks(path, skip if on_invalid == "skip" else None, fs=fs, digest=digest,
+                                     name=name):
+            yield _records_table(pa, i, n_records, blk, n_buckets)
+            n_records += len(blk)
+            n_residues += int(blk.offsets[-1])
         stats = {"file": i, "node": _node_id(), "records": n_records + sum(rejected.values()), "residues": n_residues,
                  "sha256": digest.sha256, "bytes": digest.bytes, "rejected": dict(rejected), "first": first}
         yield pa.table({"bucket": pa.array([-1], pa.int32()), "src": pa.array([i], pa.int32()),
@@ -219,12 +221,16 @@ def _read_files(batch: dict, *, inputs: list[tuple], n_buckets: int, on_invalid:
                         "h": pa.array([0], pa.uint64())})
 
 
-def _records_table(pa, src: int, start: int, seqs: list[bytes], hashes: list[int], n_buckets: int):
-    h = np.array(hashes, dtype=np.uint64)
+def _records_table(pa, src: int, start: int, blk, n_buckets: int):
+    """One block of records as an Arrow table; ``seq`` is built on the block's buffers (no per-row objects)."""
+    n = len(blk)
+    h = seq_hashes(blk.residues, blk.offsets)
+    seq = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(blk.offsets.astype(np.int32)),
+                                                 pa.py_buffer(blk.residues)])
     return pa.table({"bucket": pa.array((h % np.uint64(n_buckets)).astype(np.int32)),
-                     "src": pa.array(np.full(len(seqs), src, np.int32)),
-                     "ord": pa.array(np.arange(start, start + len(seqs), dtype=np.int64)),
-                     "seq": pa.array(seqs, pa.binary()), "h": pa.array(h)})
+                     "src": pa.array(np.full(n, src, np.int32)),
+                     "ord": pa.array(np.arange(start, start + n, dtype=np.int64)),
+                     "seq": seq, "h": pa.array(h)})
 
 
 # --------------------------------------------------------------------------------- 2. de-duplicate
@@ -239,21 +245,26 @@ def _dedup_bucket(table, *, work: Location, n_files: int, ood_index: int):
     b = int(table["bucket"][0].as_py())
     if b < 0:
         return pa.table({"note": table["seq"]})
-    table = table.sort_by([("seq", "ascending"), ("src", "ascending"), ("ord", "ascending")])
+    # Copies of a sequence have equal hashes: sorting by hash first compares the bytes only on hash ties.
+    table = table.sort_by([("h", "ascending"), ("seq", "ascending"), ("src", "ascending"), ("ord", "ascending")])
     seq = table["seq"].combine_chunks()
     src = table["src"].to_numpy()
+    h = table["h"].to_numpy()
     n = len(seq)
     first = np.ones(n, dtype=bool)
-    if n > 1:
-        first[1:] = pc.not_equal(seq.slice(1), seq.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    tie = np.flatnonzero(h[1:] == h[:-1])
+    if tie.size:
+        same = pc.equal(seq.take(pa.array(tie + 1)), seq.take(pa.array(tie)))
+        first[tie + 1] = ~same.to_numpy(zero_copy_only=False)
     lengths = pc.binary_length(seq).to_numpy().astype(np.int64)
     owner = src[np.maximum.accumulate(np.where(first, np.arange(n), 0))]  # src of each row's first copy
     dup = ~first
     overlap = dup & (src == ood_index) & (owner != ood_index)  # an OOD record that a source also holds
     plain = dup & ~overlap
-    keep = table.filter(pa.array(first)).select(["src", "h", "seq"]).sort_by("h")
+    keep = table.filter(pa.array(first)).select(["src", "h", "seq"])  # in hash order
     path = work.join(f"bucket-{b:05d}.parquet")
-    pq.write_table(keep, path.path, filesystem=work.fs, compression="zstd")
+    pq.write_table(keep, path.path, filesystem=work.fs, compression=INTERMEDIATE_COMPRESSION,
+                   use_dictionary=False, write_statistics=False)
     kept_src = src[first]
     note = {"bucket": b, "node": _node_id(), "rows": int(first.sum()),
             "unique": np.bincount(kept_src, minlength=n_files).tolist(),
@@ -280,6 +291,8 @@ class _Plan:
 def _split_bucket(batch: dict, *, work: Location, out: Location, plan: _Plan, n_files: int):
     """Ray Data UDF: read one bucket's unique rows, give each a split, tokenise, pack, and write
     ``<split>/part-<bucket>.parquet``; returns one JSON note per split written."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from .packing import tokenise_pack, write_shard
@@ -287,11 +300,11 @@ def _split_bucket(batch: dict, *, work: Location, out: Location, plan: _Plan, n_
     notes = []
     for b in batch["bucket"]:
         b = int(b)
-        table = pq.read_table(work.join(f"bucket-{b:05d}.parquet").path, filesystem=work.fs)
+        table = pq.read_table(work.join(f"bucket-{b:05d}.parquet").path, filesystem=work.fs, use_threads=False)
         src = table["src"].to_numpy()
         h = table["h"].to_numpy()
-        seqs = table["seq"].to_pylist()
-        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        seq = table["seq"].combine_chunks()
+        lengths = pc.binary_length(seq).to_numpy().astype(np.int64)
         test = src == plan.ood_index
         if plan.held_out.size:
             test |= np.isin(h, plan.held_out)
@@ -304,12 +317,16 @@ def _split_bucket(batch: dict, *, work: Location, out: Location, plan: _Plan, n_
             idx = order[mask[order]]
             if not idx.size:
                 continue
-            rows = tokenise_pack([seqs[i] for i in idx], plan.seq_len)
+            part = seq.take(pa.array(idx))  # this split's sequences, in row order, back to back
+            off = np.frombuffer(part.buffers()[1], dtype=np.int32, count=len(part) + 1, offset=4 * part.offset)
+            residues = np.frombuffer(part.buffers()[2], dtype=np.uint8, count=int(off[-1] - off[0]),
+                                     offset=int(off[0]))
+            rows = tokenise_pack(residues, lengths[idx], plan.seq_len)
             name = f"{split}/part-{b:05d}.parquet"
             if not out.remote:
                 Path(out.join(split).path).mkdir(parents=True, exist_ok=True)
             write_shard(out.fs, out.join(name).path, rows)
-            notes.append({"split": split, "bucket": b, "node": _node_id(), "file": name, "rows": len(rows),
+            notes.append({"split": split, "bucket": b, "node": _node_id(), "file": name, "rows": int(rows.tokens.shape[0]),
                           "sequences": int(idx.size), "residues": int(lengths[idx].sum()),
                           "used": np.bincount(src[idx], minlength=n_files).tolist(),
                           "source_residues": np.bincount(src[idx], lengths[idx], minlength=n_files)

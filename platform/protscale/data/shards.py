@@ -102,7 +102,13 @@ def read_manifest(root: str | Path) -> dict:
     loc = locate(root).join(MANIFEST)
     try:
         with loc.fs.open_input_stream(loc.path) as f:
-            return json.loads(f.read())
+            manifest = json.loads(f.read())
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+        return manifest
+    except ValueError as exc:        # truncated, binary or another program's JSON
+        raise DatasetError(f"{root}: {MANIFEST} is corrupt ({str(exc).splitlines()[0][:120]}); prepare the "
+                           "dataset again: protscale data prepare --help") from None
     except (FileNotFoundError, OSError) as exc:
         if isinstance(exc, FileNotFoundError) or "not found" in str(exc).lower() or "no such" in str(exc).lower():
             raise DatasetError(f"{root}: not a prepared dataset (no {MANIFEST}); run: protscale data prepare "

@@ -33,11 +33,14 @@ class ModelSize:
     def n_params_non_embedding(self) -> int:
         return 12 * self.layers * self.d_model ** 2
 
-    def n_params(self, vocab_size: int) -> int:
+    def n_params(self, vocab_size: int, objective: str) -> int:
         """Every parameter of ``protscale.model.transformer.ProteinLM`` (tied input/output embedding)."""
         d, L = self.d_model, self.layers
         per_layer = 12 * d * d + 9 * d + 4 * d      # matrices; qkv/proj/fc/out biases (3d+d+4d+d); 2 norms
-        return L * per_layer + vocab_size * d + 2 * d + vocab_size   # embedding, final norm, head bias
+        total = L * per_layer + vocab_size * d + 2 * d       # blocks, embedding, final norm
+        if objective == "mlm":                               # ESM-2's head: dense, norm, output bias
+            total += d * d + d + 2 * d + vocab_size
+        return total
 
 
 def _paper(name: str, layers: int, d_model: int, reference_n: int) -> ModelSize:
@@ -74,12 +77,19 @@ TINY_SIZES: dict[str, ModelSize] = {s.name: s for s in (
     ModelSize("tiny-4", 4, 96, 6), ModelSize("tiny-5", 6, 128, 8), ModelSize("tiny-6", 8, 160, 5),
 )}
 
+# Micro sizes for the CPU demo's IsoFLOP frontier (N from 768 to 14k, about ×2.2 apart, then tiny-1):
+# at 1e9-1e11 FLOPs the compute-optimal N is this small (search_spaces/demo_cpu.py has the measurements).
+MICRO_SIZES: dict[str, ModelSize] = {s.name: s for s in (
+    ModelSize("micro-1", 1, 8, 1), ModelSize("micro-2", 1, 12, 1), ModelSize("micro-3", 1, 16, 2),
+    ModelSize("micro-4", 1, 24, 2), ModelSize("micro-5", 2, 24, 2),
+)}
+
 # Shapes of public models users compare against (benchmarks).
 REFERENCE_SHAPES: dict[str, ModelSize] = {s.name: s for s in (
     ModelSize("esm2-650M", 33, 1280, 20), ModelSize("esm2-3B", 36, 2560, 40),
 )}
 
-SIZES: dict[str, ModelSize] = {**TINY_SIZES, **PAPER_SIZES, **REFERENCE_SHAPES}
+SIZES: dict[str, ModelSize] = {**MICRO_SIZES, **TINY_SIZES, **PAPER_SIZES, **REFERENCE_SHAPES}
 
 
 def get_size(name: str) -> ModelSize:

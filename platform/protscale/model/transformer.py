@@ -1,6 +1,15 @@
 """One transformer for both objectives: CLM (causal mask, next-token loss) and MLM (bidirectional,
 masked-token loss). Pre-LayerNorm blocks, rotary position embeddings, GELU MLP of width 4·d, no
-dropout, input and output embeddings tied (as in ESM-2).
+dropout, a final LayerNorm, input and output embeddings tied.
+
+The layout is that of two ``transformers`` architectures, so that a trained model exports weight for
+weight (``protscale export``, ``model/export.py``):
+
+* MLM = ESM-2 (``EsmForMaskedLM``): ESM-2's output head (dense → GELU → LayerNorm → tied embedding
+  matrix + bias) after the final LayerNorm.
+* CLM = GPT-NeoX with sequential residuals and full rotary (``GPTNeoXForCausalLM``): the final
+  LayerNorm, then the tied embedding matrix (no bias).
+* Rotary embeddings rotate the two halves of each head (``rotate_half``), as both do.
 
 Rows are packed: several proteins share a row of ``seq_len`` tokens. ``doc_ids`` (B, S) numbers the
 segments of each row and ``pos_ids`` (B, S) restarts at 0 in each segment, so attention never crosses
@@ -78,13 +87,14 @@ def resolve_attention(choice: str, device: torch.device) -> str:
 # --- rotary position embedding ---------------------------------------------------------------------
 
 def rotary(x: torch.Tensor, pos_ids: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of channels of x (B, H, S, Dh) by angles pos·θ_i, θ_i = 10000^(-2i/Dh)."""
+    """Rotate channel pairs (i, i + Dh/2) of x (B, H, S, Dh) by angles pos·θ_i, θ_i = 10000^(-2i/Dh):
+    the "rotate half" layout of GPT-NeoX and ESM-2 in ``transformers``."""
     dh = x.shape[-1]
     inv_freq = 1.0 / (10000 ** (torch.arange(0, dh, 2, device=x.device, dtype=torch.float32) / dh))
     angles = pos_ids.to(torch.float32)[:, None, :, None] * inv_freq          # (B, 1, S, Dh/2)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    x1, x2 = x[..., : dh // 2], x[..., dh // 2:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 # --- attention ---------------------------------------------------------------------------------------
@@ -220,6 +230,19 @@ class Block(nn.Module):
         return x + self.proj(F.gelu(self.fc(self.norm2(x))))
 
 
+class MaskedLMHead(nn.Module):
+    """ESM-2's output head: dense → GELU → LayerNorm → the tied embedding matrix, plus a bias."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, x, embedding: torch.Tensor):
+        return F.linear(self.norm(F.gelu(self.dense(x))), embedding, self.bias)
+
+
 class ProteinLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -227,7 +250,8 @@ class ProteinLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.head_bias = nn.Parameter(torch.zeros(cfg.vocab_size))   # output weight is tied to embed
+        # Output weight tied to ``embed``: directly for CLM (GPT-NeoX), through ESM-2's head for MLM.
+        self.mlm_head = None if cfg.causal else MaskedLMHead(cfg)
         self.apply(self._init)
         for block in self.blocks:   # GPT-2: scale the residual projections by 1/sqrt(2·L)
             for w in (block.attn.out.weight, block.proj.weight):
@@ -253,10 +277,19 @@ class ProteinLM(nn.Module):
                 x = checkpoint(block, x, pos_ids, impl, attn, use_reentrant=False)
             else:
                 x = block(x, pos_ids, impl, attn)
-        logits = F.linear(self.norm(x), self.embed.weight, self.head_bias)
+        x = self.norm(x)
+        logits = F.linear(x, self.embed.weight) if self.mlm_head is None else self.mlm_head(x, self.embed.weight)
         if labels is None:
             return logits
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+    def load_transfer(self, state: dict) -> None:
+        """CLM→MLM transfer: take every weight of a trained CLM (embedding, blocks, final norm); an MLM's
+        own output head keeps its initialisation. Any other mismatch is an error."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("mlm_head.")]
+        if missing or unexpected:
+            raise ValueError(f"transfer weights do not fit this model: missing {missing}, unexpected {unexpected}")
 
     def count_parameters(self) -> tuple[int, int]:
         """(n_params, n_params_non_embedding) counted from the module itself."""

@@ -1,4 +1,4 @@
-"""``protscale sweep`` (Ray Tune over a search space) and ``protscale demo`` (the main job)."""
+"""``protscale sweep``: Ray Tune over a search space (``protscale demo`` is in ``demo.py``)."""
 
 from __future__ import annotations
 
@@ -29,13 +29,14 @@ def add_commands(sub) -> None:
                    help="dense bf16 peak of one GPU for GPU-hours (H100: 989, A100: 312)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are skipped")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's output (Tune's tables, trial and worker logs) here instead of in the sweep's "
+                   "log file (<storage>/<sweep>/sweep.log), with one progress line per finished trial")
     p.set_defaults(func=run_sweep_cmd)
 
-    d = sub.add_parser("demo", help="the main job: prepare the bundled proteins, run the demo sweep, fit the laws",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d.add_argument("--dir", default=".demo", help="where the data, MLflow store, checkpoints and report go")
-    d.add_argument("--space", default=None, help="search-space file (default: search_spaces/demo_cpu.py)")
-    d.set_defaults(func=run_demo)
+    from .demo import add_command as add_demo
+
+    add_demo(sub)
 
 
 def _load(path: str, data_override: str | None = None, gpu_memory: float | None = None):
@@ -124,6 +125,13 @@ def _dry_run(space, as_json: bool = False, mfu: float = DEFAULT_MFU,
               "per token, S = seq_len, +2N under checkpointing")
     else:
         print(f"total: {len(rows)} trials, peak {peak:.2f} GB per worker (CPU, fp32)")
+    a = space.adaptive
+    if a is not None:
+        extra = len(a.grid()) - len([t for t in a.grid() if t in space.trials])
+        print(f"then adaptive waves ({'/'.join(a.objectives)}): up to {a.limit()} IsoFLOP trials per objective "
+              f"of the {len(a.grid()) // max(1, len(a.objectives))}-trial candidate grid ({extra} not listed above), "
+              f"until the N_opt exponent's 95% interval is <= {a.target_width:g} wide; candidates per budget: "
+              + "; ".join(f"{b:.3g}: {', '.join(a.candidates(b))}" for b in a.budgets))
 
 
 def run_sweep_cmd(args) -> int:
@@ -144,45 +152,10 @@ def run_sweep_cmd(args) -> int:
     uri = resolve_tracking_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
     check_tracking_access(uri)      # before Ray starts: not once per trial, inside every trial
     connect_ray(args.ray_address)
-    statuses = run_sweep(space, uri, args.storage, resume=args.resume)
+    statuses = run_sweep(space, uri, args.storage, resume=args.resume, verbose=args.verbose)
     failed = [n for n, s in statuses.items() if s != "completed"]
+    from ..tracking.provenance import experiment_hint
+
     print(f"sweep {space.name}: {len(statuses) - len(failed)}/{len(statuses)} trials completed"
-          + (f"; not completed: {', '.join(failed)}" if failed else ""))
+          + (f"; not completed: {', '.join(failed)}" if failed else "") + f"\n{experiment_hint(uri, space.name)}")
     return 1 if failed else 0
-
-
-def run_demo(args) -> int:
-    import time
-    from pathlib import Path
-
-    from ..data import MAIN, OOD
-    from ..data.prepare import prepare
-    from ..train.trial import connect_ray
-    from .tune import run_sweep
-
-    start = time.perf_counter()
-    root = Path(args.dir).resolve()
-    data = root / "data"
-    if not (data / "manifest.json").is_file():
-        print(f"[demo] preparing the bundled proteins -> {data}")
-        prepare([MAIN], data, ood=OOD, seq_len=128, val_fraction=0.05, progress=False)
-    space_file = args.space or str(Path(__file__).resolve().parents[3] / "search_spaces" / "demo_cpu.py")
-    space, _ = _load(space_file, data_override=str(data))
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    print(f"[demo] sweep {space.name}: {len(space.trials)} trials (Ray Tune + Ray Train/DeepSpeed) -> {uri}")
-    connect_ray(None)
-    statuses = run_sweep(space, uri, str(root / "runs"), resume=True)
-    done = sum(s == "completed" for s in statuses.values())
-    print(f"[demo] {done}/{len(statuses)} trials completed in {time.perf_counter() - start:.0f} s")
-    report = root / "report"
-    from ..cli import main
-
-    print(f"[demo] fitting scaling laws from the tracking store -> {report}")
-    if main(["fit", "--experiment", space.name, "--tracking-uri", uri, "--out", str(report),
-             "--bootstrap", "400", "--bootstrap-parametric", "40", "--parametric-grid", "coarse"]) == 0:
-        print(f"[demo] report: {report / 'report.html'} (also report.md, results.json, *.png)")
-        print(f"[demo] plan a budget: protscale plan --budget-flops 1e12 --objective clm "
-              f"--results {report / 'results.json'}")
-    print(f"[demo] done in {time.perf_counter() - start:.0f} s. Browse the runs: "
-          f"mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)")
-    return 0 if done == len(statuses) else 1

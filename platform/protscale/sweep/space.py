@@ -9,7 +9,11 @@
     )
 
 A trial is (objective, size, budget_flops, seed) plus an optional CLM parent for transfer; the paper's
-peak-LR and batch rule by size applies unless a trial overrides it.
+peak-LR and batch rule by size applies unless a trial overrides it (its name then says so: an LR or
+batch sweep has one trial name per value). The space's ``defaults`` are ``TrialConfig`` fields
+(``train/config.py``), checked by name. What a trial *is* — for skip-if-done and ``--resume`` — is its
+``trial_hash`` (every setting that changes its result), not its name: edit the space, and exactly the
+trials whose identity changed train again.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import runpy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..cli import UserError
 from ..model.sizes import SIZES, get_size, tokens_for_budget
 
 
@@ -35,8 +40,10 @@ class Trial:
 
     @property
     def name(self) -> str:
-        base = f"{self.objective}-{self.size}-{self.budget_flops:.3g}-s{self.seed}".replace("+", "")
-        return f"{base}-from-{self.parent}" if self.parent else base
+        from ..train.config import trial_name
+
+        return trial_name(self.objective, self.size, self.budget_flops, self.seed, self.lr_max,
+                          self.batch_tokens, self.parent)
 
 
 @dataclass
@@ -50,6 +57,13 @@ class SearchSpace:
     gpu_memory_gb: float = 80.0                      # memory of one GPU: the memory plan fits it (--gpu-memory)
     max_workers: int = 8                             # GPUs one trial may use (the plan takes the fewest that fit)
     source: str = ""                                 # the file it was loaded from
+    adaptive: object = None                          # an ``adaptive.Adaptive``: waves placed after the trials
+
+
+def all_trials(space: SearchSpace) -> list[Trial]:
+    """The space's trials, then every trial its adaptive design may add (the candidate grid)."""
+    extra = space.adaptive.grid() if space.adaptive is not None else []
+    return list(dict.fromkeys([*space.trials, *extra]))
 
 
 def isoflop_grid(budgets, sizes, objectives=("clm",), seed: int = 0, **overrides) -> list[Trial]:
@@ -68,13 +82,23 @@ def transfer_grid(sizes, clm_budgets, mlm_budgets, seed: int = 0, **overrides) -
 
 
 def load(path: str | Path) -> SearchSpace:
-    """Run a search-space file and return its ``SPACE``."""
+    """Run a search-space file and return its ``SPACE``. A file that is missing, does not run (syntax
+    error, an import or any exception) or defines no ``SPACE`` raises ``SpaceError`` naming the file
+    and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such search-space file (see search_spaces/)")
-    space = runpy.run_path(str(path)).get("SPACE")
+        raise SpaceError(f"{path}: no such search-space file (see search_spaces/)")
+    try:
+        space = runpy.run_path(str(path)).get("SPACE")
+    except SyntaxError as exc:
+        raise SpaceError(f"{exc.filename or path}:{exc.lineno}: syntax error: {exc.msg}; fix the "
+                         "search-space file") from None
+    except (Exception, SystemExit) as exc:
+        raise SpaceError(f"{_where(exc, path)}: the search-space file raised {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}; fix it (it must define SPACE = "
+                         "SearchSpace(...))") from None
     if not isinstance(space, SearchSpace):
-        raise ValueError(f"{path}: defines no SPACE = SearchSpace(...)")
+        raise SpaceError(f"{path}: defines no SPACE = SearchSpace(...)")
     # $PROTSCALE_DATA replaces the space's data (a RayJob points a space at the cluster's object store).
     space.data = os.environ.get("PROTSCALE_DATA") or space.data
     if "://" not in space.data and not Path(space.data).is_absolute():  # URIs (s3://, gs://) stay as given
@@ -82,21 +106,60 @@ def load(path: str | Path) -> SearchSpace:
     return replace(space, source=str(path))
 
 
+class SpaceError(UserError, ValueError):
+    """A search-space file that cannot be used (message: file, line, what to do)."""
+
+
+def _where(exc: BaseException, path: Path) -> str:
+    """``file:line`` of the innermost frame of ``exc`` inside the search-space file (else the file)."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+    return f"{path}:{frames[-1].lineno}" if frames else str(path)
+
+
 def validate(space: SearchSpace, manifest: dict | None) -> list[str]:
     """Problems that would waste a sweep, each as a message naming the trial and what to change."""
+    from ..train.config import field_names
+
     errors: list[str] = []
+    if not isinstance(space.trials, (list, tuple)) or not all(isinstance(t, Trial) for t in space.trials):
+        return [f"SPACE.trials must be a list of Trial(...), not {type(space.trials).__name__}"]
+    if not space.trials:
+        errors.append("SPACE.trials is empty: nothing to run")
+    if not isinstance(space.defaults, dict):
+        return [f"SPACE.defaults must be a dict of TrialConfig fields, not {type(space.defaults).__name__}"]
+    unknown = sorted(set(space.defaults) - field_names())
+    if unknown:
+        errors.append(f"SPACE.defaults: unknown TrialConfig field(s) {', '.join(unknown)} "
+                      f"(known: {', '.join(sorted(field_names()))})")
+    if space.adaptive is not None:
+        from .adaptive import Adaptive
+
+        if not isinstance(space.adaptive, Adaptive):
+            return [f"SPACE.adaptive must be an Adaptive(...), not {type(space.adaptive).__name__}"]
+        errors += space.adaptive.problems()
+        if errors:
+            return errors
     names = [t.name for t in space.trials]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         errors.append(f"trial {dup}: listed {names.count(dup)} times")
     by_name = {t.name: t for t in space.trials}
     seq_len = (manifest or {}).get("seq_len", 1024)
     unique_tokens = ((manifest or {}).get("splits", {}).get("train", {}) or {}).get("tokens")
-    for t in space.trials:
+    for t in all_trials(space):          # adaptive: every trial placement may choose must be valid
         if t.size not in SIZES:
             errors.append(f"trial {t.name}: unknown size {t.size!r} (known: {', '.join(SIZES)})")
             continue
         if t.objective not in ("clm", "mlm"):
             errors.append(f"trial {t.name}: objective must be clm or mlm")
+            continue
+        bad = [f"{k}={getattr(t, k)!r}" for k in ("budget_flops", "lr_max", "batch_tokens", "seed")
+               if not isinstance(getattr(t, k), (int, float)) or not 0 <= getattr(t, k) < float("inf")]
+        if bad or not t.budget_flops:
+            errors.append(f"trial {t.name}: {', '.join(bad) or 'budget_flops=0'}: needs finite numbers, "
+                          "budget_flops > 0, lr_max/batch_tokens/seed >= 0")
+            continue
         size = get_size(t.size)
         from ..train.recipe import batch_tokens as rule
 
@@ -163,3 +226,16 @@ def resources(space: SearchSpace, trial: Trial) -> dict:
     if workers(space, trial):
         return {"cpu": 1, "workers": workers(space, trial), "gpu_per_worker": 1}
     return {"cpu": 1, "gpu": space.gpus_per_trial}
+
+
+def trial_hashes(space: SearchSpace, tracking_uri: str = "") -> dict[str, str]:
+    """{trial name: trial_hash} of every trial of the space (``TrialConfig.identity_hash``): a transfer
+    trial's includes its CLM parent's. Needs the space's prepared data (its manifest)."""
+    from ..data.shards import read_manifest
+    from .tune import trial_config
+
+    manifest = read_manifest(space.data)
+    out: dict[str, str] = {}
+    for t in sorted(all_trials(space), key=lambda t: bool(t.parent)):      # parents first
+        out[t.name] = trial_config(space, t, tracking_uri).identity_hash(manifest, out.get(t.parent, ""))
+    return out

@@ -16,9 +16,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..tracking import contract as c
-from ..tracking import runs
+from ..tracking import provenance, runs
 from ..train.config import TrialConfig
-from .space import SearchSpace, Trial, gpu_memory_gb, resources, workers
+from .space import SearchSpace, Trial, gpu_memory_gb, resources, trial_hashes, workers
+
+TUNE_CHECKPOINTS = 1        # checkpoints Tune keeps per trial (Train's own: ``train.trial.CHECKPOINTS``)
 
 
 def trial_config(space: SearchSpace, trial: Trial, tracking_uri: str) -> TrialConfig:
@@ -30,19 +32,24 @@ def trial_config(space: SearchSpace, trial: Trial, tracking_uri: str) -> TrialCo
 
 
 def run_one(config: dict) -> None:
-    """The Tune trainable: one trial, tracked as a child run of the sweep."""
-    from ..train.trial import finish, prepare_run, trainer
+    """The Tune trainable: one trial, tracked as a child run of the sweep. A finished run of the same
+    name *and identity* (``trial_hash``) is not trained again; a run of that name under another config
+    is left as it is and the trial trains in a new run (``runs.start_run``)."""
+    from ..train.trial import finish, identify, prepare_run, trainer
 
     cfg = TrialConfig.from_dict(config["trial"])
-    existing = runs.find_run(cfg.tracking_uri, cfg.experiment, cfg.name)
+    if config.get("parent"):
+        cfg.init_from = _parent_run(cfg, config["parent"], config.get("parent_hash") or None) or ""
+        if not cfg.init_from:
+            raise RuntimeError(f"transfer trial {cfg.name}: CLM parent {config['parent']} has no completed "
+                               "MLflow run of its current config")
+    identify(cfg)
+    existing = runs.find_run(cfg.tracking_uri, cfg.experiment, cfg.name, cfg.trial_hash)
     if existing and runs.client(cfg.tracking_uri).get_run(existing).data.tags.get(c.STATUS) in (
             c.STATUS_COMPLETED, c.STATUS_DIVERGED):
-        print(f"{cfg.name}: already finished (MLflow run {existing}); not trained again", flush=True)
+        print(f"{cfg.name}: already finished (MLflow run {existing}, trial_hash {cfg.trial_hash}); "
+              "not trained again", flush=True)
         return
-    if config.get("parent"):
-        cfg.init_from = runs.find_run(cfg.tracking_uri, cfg.experiment, config["parent"]) or ""
-        if not cfg.init_from:
-            raise RuntimeError(f"transfer trial {cfg.name}: CLM parent {config['parent']} has no MLflow run")
     cfg = prepare_run(cfg, parent_run_id=config["sweep_run_id"])
     start = time.perf_counter()
     n = config["workers"]
@@ -51,21 +58,55 @@ def run_one(config: dict) -> None:
     print(outcome.summary(cfg.name), flush=True)
 
 
+def _parent_run(cfg: TrialConfig, parent: str, parent_hash: str | None) -> str | None:
+    """The completed run of CLM trial ``parent`` (of identity ``parent_hash`` when known, else its
+    latest completed run)."""
+    cl = runs.client(cfg.tracking_uri)
+    exp = cl.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        return None
+    where = f"tags.{c.TRIAL} = '{parent}' and tags.{c.STATUS} = '{c.STATUS_COMPLETED}'"
+    if parent_hash:
+        where += f" and params.{c.TRIAL_HASH} = '{parent_hash}'"
+    found = cl.search_runs([exp.experiment_id], filter_string=where, max_results=1,
+                           order_by=["attributes.start_time DESC"])
+    return found[0].info.run_id if found else None
+
+
 def run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool = False,
-              max_failures: int = 1) -> dict:
-    """Run every trial of ``space`` (finished ones are skipped on resume). Returns {trial: status}."""
+              max_failures: int = 1, verbose: bool = False, log_file: str | None = None) -> dict:
+    """Run every trial of ``space`` (finished ones are skipped on resume). Returns {trial: status}.
+
+    The console shows one live display of the sweep (``progress.SweepMonitor``), and the parent MLflow run
+    gets the live frontier after each finished trial (``frontier.LiveFrontier``). Ray's own output goes to
+    ``log_file`` (default ``<storage>/<sweep>/sweep.log``), or stays on the console with ``verbose``."""
+    from .progress import SweepMonitor, default_log_path
+
+    log = log_file or default_log_path(_join(storage), space.name)
+    with SweepMonitor(space.name, log, verbose) as monitor:
+        return _run_sweep(space, tracking_uri, storage, resume, max_failures, monitor)
+
+
+def _run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool, max_failures: int,
+               monitor) -> dict:
     from ray import tune
+
+    from .frontier import LiveFrontier
+    from .progress import TuneEvents
 
     storage = _join(storage)
     sweep_run = runs.start_run(tracking_uri, space.name, f"sweep-{space.name}",
                                {"space": space.source, "trials": len(space.trials), "data": space.data},
-                               {c.KIND: "sweep", c.SWEEP: space.name})
-    done = _finished_trials(tracking_uri, space.name)
+                               {c.KIND: "sweep", c.SWEEP: space.name,
+                                **provenance.source_tags(space.source or "protscale sweep")})
+    print(f"[sweep] {space.name}: {provenance.record_sweep(tracking_uri, sweep_run, space)}", flush=True)
+    hashes = trial_hashes(space, tracking_uri)       # identity of every trial (skip-if-done matches it)
+    done = _finished_trials(tracking_uri, space.name, hashes)
+    monitor.attach(LiveFrontier(tracking_uri, space.name, sweep_run, hashes))
     statuses = {}
-    first = [t for t in space.trials if not t.parent]
-    second = [t for t in space.trials if t.parent]
-    for wave, trials in enumerate((first, second)):
+    for name, trials in _waves(space, tracking_uri, hashes):
         todo = [t for t in trials if t.name not in done]
+        monitor.plan(trials, done)
         statuses.update({t.name: c.STATUS_COMPLETED for t in trials if t.name in done})
         if not todo:
             continue
@@ -73,9 +114,10 @@ def run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool 
         param_space = {"trial_name": tune.grid_search([t.name for t in todo])}
         by_name = {t.name: t for t in trials}      # a restored Tune run also holds finished trials
 
-        def trainable(config, _by_name=by_name):
+        def protscale_trial(config, _by_name=by_name):     # Tune names trials and their dirs after it
             t = _by_name[config["trial_name"]]
             run_one({"trial": asdict(trial_config(space, t, tracking_uri)), "parent": t.parent,
+                     "parent_hash": hashes.get(t.parent, ""),
                      "sweep_run_id": sweep_run, "storage": _join(storage, space.name, "trials"),
                      "gpu": gpu, "workers": workers(space, t)})
 
@@ -83,8 +125,7 @@ def run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool 
             res = resources(space, _by_name[config["trial_name"]])
             return tune.PlacementGroupFactory([{"CPU": res["cpu"], "GPU": res.get("gpu", 0)}])
 
-        trainable = tune.with_resources(trainable, trial_resources)
-        name = f"wave{wave}"
+        trainable = tune.with_resources(protscale_trial, trial_resources)
         path = _join(storage, space.name, name)
         if resume and tune.Tuner.can_restore(path):
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True)
@@ -93,15 +134,45 @@ def run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool 
                 trainable, param_space=param_space,
                 # No reuse_actors: DeepSpeed caches process groups at module level, and a reused
                 # trial process fails in the next trial's deepspeed.initialize ("group not registered").
-                tune_config=tune.TuneConfig(max_concurrent_trials=space.max_concurrent or None),
+                tune_config=tune.TuneConfig(metric=c.VAL_LOSS, mode="min",
+                                            max_concurrent_trials=space.max_concurrent or None),
+                # Checkpoints are for resuming a trial only (its final weights are in MLflow): the latest.
                 run_config=tune.RunConfig(name=name, storage_path=_join(storage, space.name), verbose=1,
-                                          failure_config=tune.FailureConfig(max_failures=max_failures)))
-        tuner.fit()
-        done = _finished_trials(tracking_uri, space.name)
+                                          failure_config=tune.FailureConfig(max_failures=max_failures),
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=TUNE_CHECKPOINTS),
+                                          callbacks=[TuneEvents()]))
+        with monitor.tuning():          # Tune's tables go to the sweep's log (unless --verbose)
+            tuner.fit()
+        done = _finished_trials(tracking_uri, space.name, hashes)
         statuses.update({t.name: done.get(t.name, c.STATUS_FAILED) for t in trials})
     ok = all(s == c.STATUS_COMPLETED for s in statuses.values())
     runs.finish_run(tracking_uri, sweep_run, c.STATUS_COMPLETED if ok else c.STATUS_FAILED)
     return statuses
+
+
+def _waves(space: SearchSpace, tracking_uri: str, hashes: dict[str, str]):
+    """(Ray Tune experiment name, trials) of each wave, in order: the space's trials; then, with
+    ``space.adaptive``, the waves placement asks for (``sweep/adaptive.py``), each decided from the
+    finished trials once the wave before it is over; then the transfer trials (after their CLM parents)."""
+    yield "wave0", [t for t in space.trials if not t.parent]
+    if space.adaptive is not None:
+        from . import adaptive
+
+        attempted = {t.name for t in space.trials}
+        index = 0
+        while True:
+            points = adaptive.read_points(tracking_uri, space.name, space.adaptive, hashes)
+            decided = adaptive.next_wave(space.adaptive, points,
+                                         attempted | set(_finished_trials(tracking_uri, space.name, hashes)))
+            for w in decided:
+                print(f"[adaptive] after wave {index}: {adaptive.describe(w)}", flush=True)
+            trials = [t for w in decided for t in w.trials]
+            if not trials:
+                break
+            attempted |= {t.name for t in trials}
+            index += 1
+            yield adaptive.wave_name(index, trials), trials
+    yield "wave1", [t for t in space.trials if t.parent]
 
 
 def _join(storage: str, *parts: str) -> str:
@@ -111,15 +182,20 @@ def _join(storage: str, *parts: str) -> str:
     return str(Path(storage, *parts).resolve())
 
 
-def _finished_trials(tracking_uri: str, experiment: str) -> dict[str, str]:
-    """{trial name: status} of trials whose run is closed (completed or diverged)."""
+def _finished_trials(tracking_uri: str, experiment: str, hashes: dict[str, str] | None = None) -> dict[str, str]:
+    """{trial name: status} of trials whose run is closed (completed or diverged). With ``hashes``
+    ({trial name: trial_hash}, ``space.trial_hashes``), only runs of the trial's current identity count:
+    a trial whose config changed since its run finished is not done."""
     cl = runs.client(tracking_uri)
     exp = cl.get_experiment_by_name(experiment)
     if exp is None:
         return {}
     out = {}
     for r in cl.search_runs([exp.experiment_id], filter_string=f"tags.{c.KIND} = 'trial'", max_results=10000):
-        status = r.data.tags.get(c.STATUS)
-        if status in (c.STATUS_COMPLETED, c.STATUS_DIVERGED):
-            out[r.data.tags[c.TRIAL]] = status
+        status, name = r.data.tags.get(c.STATUS), r.data.tags.get(c.TRIAL)
+        if status not in (c.STATUS_COMPLETED, c.STATUS_DIVERGED) or name is None:
+            continue
+        if hashes is not None and r.data.params.get(c.TRIAL_HASH) != hashes.get(name):
+            continue
+        out[name] = status
     return out

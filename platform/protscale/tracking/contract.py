@@ -29,11 +29,14 @@ INIT_FROM = "init_from"                    # run id of the CLM trial a transfer 
 FLOPS_CONVENTION = "flops_convention"      # how the "flops" metric was counted (see model.sizes)
 INIT_OBJECTIVE = "init_objective"          # transfer trials: objective of the run they start from
 INIT_BUDGET_FLOPS = "init_budget_flops"    # transfer trials: compute budget of that run (D_F = C_F / 6N)
+TRIAL_HASH = "trial_hash"                  # identity: hash of every setting that changes the result
+                                           # (train/config.py, TrialConfig.identity); resume and
+                                           # skip-if-done reuse a run only when it matches
 
 TRIAL_PARAMS = (
     OBJECTIVE, SIZE, LAYERS, D_MODEL, HEADS, N_PARAMS, N_PARAMS_NON_EMBEDDING, BUDGET_FLOPS,
     TOKENS_TARGET, LR_MAX, BATCH_TOKENS, SEQ_LEN, MASK_RATIO, SEED, DATA_MANIFEST_HASH, INIT_FROM,
-    FLOPS_CONVENTION,
+    FLOPS_CONVENTION, TRIAL_HASH,
 )
 
 # --- metrics, by optimizer step -----------------------------------------------------------------
@@ -57,6 +60,7 @@ KIND = "kind"                      # "trial" | "sweep" | "analysis"
 PARENT_RUN_ID = "mlflow.parentRunId"
 BUDGET_SOURCE = "budget_source"    # importer: where budget_flops came from: name | tokens_target | curve_end
 DEFECTS = "defects"                # comma-separated data defects found by an importer ("" = none)
+SUPERSEDED_BY = "superseded_by"    # on an older run of a trial name: the run of the trial's current identity
 
 STATUS_RUNNING, STATUS_COMPLETED, STATUS_DIVERGED, STATUS_FAILED = "running", "completed", "diverged", "failed"
 STATUSES = (STATUS_RUNNING, STATUS_COMPLETED, STATUS_DIVERGED, STATUS_FAILED)

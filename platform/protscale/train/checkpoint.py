@@ -5,7 +5,8 @@ Layout of one checkpoint directory (Ray merges the ranks' folders into one):
     ckpt/                 DeepSpeed's own files (model + optimizer + scheduler; ZeRO shards per rank)
     trial_state.json      step, cumulative tokens, and the layout it was written with: world size,
                           ZeRO stage, bf16
-    weights.pt            consolidated model weights (final checkpoint only): CLM→MLM transfer, export
+    weights.pt            consolidated model weights (final checkpoint only): logged as the run's
+                          MLflow model when the trial finishes (``trial.log_final_model``)
 
 Elastic resume. What a checkpoint holds depends on the layout it was written with:
 
@@ -205,13 +206,9 @@ def consolidated_state_dict(engine) -> dict:
     return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
 
 
-MODEL_ARTIFACT = "model/" + WEIGHTS     # the final weights, as an artifact of the trial's MLflow run
-
-
 def load_weights(tracking_uri: str, run_id: str) -> dict:
-    """Final model weights of a finished trial, from its MLflow run (for CLM→MLM transfer)."""
-    import mlflow.artifacts
+    """Final model weights of a finished trial, from the MLflow model of its run (for CLM→MLM transfer;
+    ``model/registry.py`` logs it when the trial finishes)."""
+    from ..model.registry import load_model
 
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_ARTIFACT,
-                                               tracking_uri=tracking_uri)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_model(tracking_uri, run_id).state_dict()

@@ -25,7 +25,7 @@ def build_engine(cfg: TrialConfig, plan, device: torch.device, universal: bool, 
         model = ProteinLM(ModelConfig.from_size(cfg.model_size, cfg.objective, cfg.attention,
                                                 plan.activation_checkpointing))
     if initial is not None:
-        model.load_state_dict(initial)
+        model.load_transfer(initial)
     model = model.to(device)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]

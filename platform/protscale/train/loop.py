@@ -33,6 +33,7 @@ import torch
 from ..data.shards import SplitReader, read_manifest
 from ..model.sizes import FLOPS_CONVENTION, effective_context, peak_flops, train_flops_per_token
 from ..tracking import contract as c
+from ..tracking import provenance
 from ..tracking.runs import MetricsLogger
 from . import checkpoint
 from .batches import EVAL_STEP, Prefetcher, Schedule, build_batch, step_micro_batches
@@ -87,8 +88,9 @@ def train_loop_per_worker(config: dict) -> None:
                                 rank, world, state["step"] + 1, plan.steps)
     prefetch = Prefetcher(source, device, depth=max(2, min(plan.accumulation + 1, 8)))
     try:
-        _train(cfg, session, engine, plan, prefetch, evals, state, logger, rank, world, device,
-               flops_per_token, peak)
+        with provenance.system_metrics(cfg.tracking_uri, cfg.run_id, enabled=rank == 0):   # rank 0's node
+            _train(cfg, session, engine, plan, prefetch, evals, state, logger, rank, world, device,
+                   flops_per_token, peak)
     finally:
         prefetch.close()
 
@@ -127,10 +129,10 @@ def _train(cfg, session, engine, plan, prefetch, evals, state, logger, rank, wor
             _progress(cfg, step, plan.steps, train_losses[-1], eval_losses, state["tokens"], tokens_per_s)
         final = step == plan.steps or diverged
         path = checkpoint.save(engine, dict(state), rank, final=final)
-        report = {"step": step, "tokens": state["tokens"], c.TRAIN_LOSS: train_losses[-1], **eval_losses,
-                  "diverged": diverged}
-        if final and logger:
-            logger.client.log_artifact(cfg.run_id, os.path.join(path, checkpoint.WEIGHTS), "model")
+        # To Tune (directly in local mode, through ``TuneReportCallback`` from a worker group), which ranks
+        # trials by val_loss: NaN when the data has no validation split.
+        report = {"step": step, "tokens": state["tokens"], c.TRAIN_LOSS: train_losses[-1], c.VAL_LOSS: float("nan"),
+                  **eval_losses, "diverged": diverged}
         session.report(report, checkpoint=session.Checkpoint.from_directory(path))
         shutil.rmtree(path, ignore_errors=True)
         if diverged:
@@ -174,7 +176,7 @@ def trial_params(cfg: TrialConfig, seq_len: int) -> dict:
 
     return {
         c.OBJECTIVE: cfg.objective, c.SIZE: size.name, c.LAYERS: size.layers, c.D_MODEL: size.d_model,
-        c.HEADS: size.heads, c.N_PARAMS: size.n_params(VOCAB_SIZE),
+        c.HEADS: size.heads, c.N_PARAMS: size.n_params(VOCAB_SIZE, cfg.objective),
         c.N_PARAMS_NON_EMBEDDING: size.n_params_non_embedding, c.BUDGET_FLOPS: cfg.budget_flops,
         c.TOKENS_TARGET: cfg.tokens_target, c.LR_MAX: plan.lr_max, c.BATCH_TOKENS: plan.batch_tokens,
         c.SEQ_LEN: seq_len, c.MASK_RATIO: 0.15 if cfg.objective == "mlm" else 0.0, c.SEED: cfg.seed,

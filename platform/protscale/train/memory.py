@@ -218,7 +218,7 @@ def estimate(size, objective: str, seq_len: int, micro_rows: int, *, world: int 
     """Memory of one rank training ``size`` (a ``ModelSize``) with ``micro_rows`` rows per forward."""
     from ..data.tokenizer import VOCAB_SIZE
 
-    n = size.n_params(VOCAB_SIZE)
+    n = size.n_params(VOCAB_SIZE, objective)
     elem = DTYPE_BYTES[dtype]
     weights = n * elem / (world if zero_stage >= 3 else 1)
     gradients = n * elem / (world if zero_stage >= 2 else 1)

@@ -11,9 +11,11 @@ from pathlib import Path
 
 from ..data.shards import read_manifest
 from ..tracking import contract as c
-from ..tracking import runs
-from .config import TrialConfig
+from ..tracking import provenance, runs
+from .config import TrialConfig, trial_name
 from .loop import trial_params, train_loop_per_worker
+
+CHECKPOINTS = 2         # checkpoints Train keeps per trial: the latest to resume from, and the one before
 
 
 @dataclass
@@ -45,22 +47,37 @@ def connect_ray(address: str | None = None) -> None:
 
 
 def default_name(cfg: TrialConfig) -> str:
-    return f"{cfg.objective}-{cfg.size}-{cfg.budget_flops:.3g}-s{cfg.seed}".replace("+", "")
+    return trial_name(cfg.objective, cfg.size, cfg.budget_flops, cfg.seed, cfg.lr_max, cfg.batch_tokens)
 
 
 def prepare_run(cfg: TrialConfig, parent_run_id: str | None = None) -> TrialConfig:
-    """Fill in the trial name and its MLflow run (found again on resume, created otherwise)."""
+    """Fill in the trial name, its identity hash and its MLflow run: the run of the same name *and*
+    ``trial_hash`` is found again (resume), otherwise a new run is created — a run of that name made
+    under another config is never reused."""
     cfg.name = cfg.name or default_name(cfg)
+    identify(cfg)
+    manifest = read_manifest(cfg.data)
+    source = provenance.source_tags("protscale sweep" if c.SWEEP in cfg.tags else "protscale train")
+    cfg.run_id = runs.start_run(cfg.tracking_uri, cfg.experiment, cfg.name,
+                                {**trial_params(cfg, manifest["seq_len"]), c.TRIAL_HASH: cfg.trial_hash},
+                                {c.SOURCE: c.SOURCE_TRAINED, c.KIND: "trial", **source, **cfg.tags},
+                                parent_run_id=parent_run_id, trial_hash=cfg.trial_hash)
+    provenance.log_dataset(cfg.tracking_uri, cfg.run_id, cfg.data, manifest)
+    return cfg
+
+
+def identify(cfg: TrialConfig) -> str:
+    """Set and return ``cfg.trial_hash`` (and ``init_budget_flops`` of a transfer trial, whose parent run
+    must be a completed CLM trial; the parent's own ``trial_hash`` enters this trial's)."""
+    parent_hash = ""
     if cfg.init_from:
         parent = runs.client(cfg.tracking_uri).get_run(cfg.init_from)     # raises for an unknown id
         if parent.data.params.get(c.OBJECTIVE) != "clm" or parent.data.tags.get(c.STATUS) != c.STATUS_COMPLETED:
             raise ValueError(f"init_from {cfg.init_from}: not a completed CLM trial")
         cfg.init_budget_flops = float(parent.data.params[c.BUDGET_FLOPS])
-    seq_len = read_manifest(cfg.data)["seq_len"]
-    cfg.run_id = runs.start_run(cfg.tracking_uri, cfg.experiment, cfg.name, trial_params(cfg, seq_len),
-                                {c.SOURCE: c.SOURCE_TRAINED, c.KIND: "trial", **cfg.tags},
-                                parent_run_id=parent_run_id)
-    return cfg
+        parent_hash = parent.data.params.get(c.TRIAL_HASH, "")
+    cfg.trial_hash = cfg.identity_hash(read_manifest(cfg.data), parent_hash)
+    return cfg.trial_hash
 
 
 def trainer(cfg: TrialConfig, workers: tuple[int, int], storage: str, max_failures: int,
@@ -78,11 +95,24 @@ def trainer(cfg: TrialConfig, workers: tuple[int, int], storage: str, max_failur
         train_loop_config=cfg.to_dict(),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=storage if "://" in storage else str(Path(storage).resolve()),
+            name=f"{cfg.name}-{cfg.trial_hash[:8]}" if cfg.trial_hash else cfg.name,   # checkpoints of this config only
+            storage_path=storage if "://" in storage else str(Path(storage).resolve()),
             failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=3),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=list(callbacks)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS),
+            callbacks=[*callbacks, *(_tune_report() if hi > 0 else [])]),
     )
+
+
+def _tune_report() -> list:
+    """Inside a Tune trial, a worker group's ``ray.train.report`` reaches Tune only through Train's
+    ``TuneReportCallback`` (rank 0's metrics; a checkpoint as its path, not copied). Train's local mode
+    reports to Tune directly (``loop._session``). Outside Tune (``protscale train``): nothing."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    try:
+        return [TuneReportCallback()]
+    except RuntimeError:            # "must be used in a Tune session"
+        return []
 
 
 def elastic_config(cfg: TrialConfig, min_workers: int) -> TrialConfig:
@@ -122,6 +152,27 @@ def finish(cfg: TrialConfig, result, wall_s: float) -> TrialResult:
         status = c.STATUS_DIVERGED
     else:
         status = c.STATUS_COMPLETED
+    if status == c.STATUS_COMPLETED and result.checkpoint and not (run.outputs and run.outputs.model_outputs):
+        try:
+            log_final_model(cfg, result.checkpoint)
+        except Exception:
+            runs.finish_run(cfg.tracking_uri, cfg.run_id, c.STATUS_FAILED)
+            raise
     runs.finish_run(cfg.tracking_uri, cfg.run_id, status)
     ckpt = result.checkpoint.path if result.checkpoint else None
     return TrialResult(cfg.run_id, status, dict(run.data.metrics), ckpt, wall_s)
+
+
+def log_final_model(cfg: TrialConfig, final_checkpoint) -> str:
+    """The trial's final weights (consolidated in its last checkpoint) as the MLflow model of its run."""
+    import torch
+
+    from ..model import registry
+    from ..model.transformer import ModelConfig, ProteinLM
+    from .checkpoint import WEIGHTS
+
+    with final_checkpoint.as_directory() as d:
+        weights = torch.load(Path(d) / WEIGHTS, map_location="cpu", weights_only=True)
+    model = ProteinLM(ModelConfig.from_size(cfg.model_size, cfg.objective))
+    model.load_state_dict(weights)
+    return registry.log_model(cfg.tracking_uri, cfg.run_id, model)

@@ -1,0 +1,286 @@
+"""Hostile input: every command, given malformed, truncated, empty, binary or out-of-range input (files,
+flags, search-space files that fail to import or raise, stores that are corrupt or unreachable, results
+files of another schema), exits non-zero with one line on stderr naming the file/line/flag — no
+traceback, nothing written, no input changed. Ctrl-C during ``data prepare``, ``import`` or ``fit``
+leaves no partial output and a re-run works.
+
+The table runs through the real command (``protscale.cli.main``, what the ``protscale`` entry point
+calls) in ONE child process — a Python start per case would cost minutes — with each case's stderr
+captured apart; an exception escaping ``main`` is recorded as the traceback it would print. A few cases
+also run through the installed ``protscale`` entry point, each its own process.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from servers import free_port
+
+PROTSCALE = Path(sys.executable).with_name("protscale")
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TB_LOGS = SHARED / "data" / "reference-logs"
+
+RUNNER = r"""
+import contextlib, io, json, sys, time, traceback
+from protscale.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = main(argv)
+        except SystemExit as exc:               # argparse
+            rc = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:                   # would be a traceback on the terminal
+            rc = "traceback"
+            traceback.print_exc(file=err)
+    out.append({"argv": argv, "rc": rc, "stderr": err.getvalue(), "s": round(time.perf_counter() - t0, 2)})
+print("@@RESULTS@@" + json.dumps(out))
+"""
+
+
+def _unreachable_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"      # nothing listens there
+
+
+def _write_inputs(d: Path) -> None:
+    """Every hostile file the table uses, under ``d`` (the child's working directory)."""
+    d.mkdir(parents=True, exist_ok=True)
+    rnd = bytes(range(256)) * 16 + b"\x00\xff" * 64
+    (d / "empty.fasta").write_bytes(b"")
+    (d / "binary.fasta").write_bytes(rnd)
+    (d / "bad-residues.fasta").write_text(">p1\nMKV*JJ12\n")
+    (d / "no-header.fasta").write_text("MKVLAAG\nMKV\n")
+    good = "".join(f">p{i}\n{'MKVLAAGLLE' * 5}\n" for i in range(20)).encode()
+    (d / "good.fasta").write_bytes(good)
+    (d / "truncated.fasta.gz").write_bytes(gzip.compress(good)[:-40])
+    (d / "a-file").write_text("not a directory\n")
+    (d / "not-a-dataset").mkdir(exist_ok=True)
+    (d / "not-a-dataset" / "x.txt").write_text("keep me\n")
+    for name, content in (("corrupt-manifest", b'{"seq_len": 128, "spl'), ("binary-manifest", rnd),
+                          ("list-manifest", b"[1, 2, 3]")):
+        (d / name).mkdir(exist_ok=True)
+        (d / name / "manifest.json").write_bytes(content)
+    (d / "fake-data").mkdir(exist_ok=True)
+    (d / "fake-data" / "manifest.json").write_text(json.dumps({"seq_len": 128, "hash": "x", "splits": {}}))
+    (d / "corrupt.db").write_bytes(rnd)
+    (d / "truncated.db").write_bytes(b"SQLite format 3\x00" + b"\x10\x00" * 40)
+    import sqlite3
+
+    con = sqlite3.connect(d / "other.db")
+    con.execute("CREATE TABLE t (x)")
+    con.commit()
+    con.close()
+    spaces = {
+        "space-syntax.py": "from protscale.sweep.space import SearchSpace\nSPACE = SearchSpace(\n",
+        "space-import.py": "import no_such_module_xyz\n",
+        "space-raises.py": "from protscale.sweep.space import SearchSpace\n\nraise RuntimeError('boom')\n",
+        "space-exit.py": "import sys\nsys.exit(3)\n",
+        "space-nospace.py": "X = 1\n",
+        "space-empty.py": "",
+        "space-binary.py": rnd,
+        "space-defaults.py": "from protscale.sweep.space import SearchSpace, Trial\n"
+                             "SPACE = SearchSpace('s', 'fake-data', [Trial('clm', 'tiny-3', 1e11)], "
+                             "defaults={'lr_maxx': 1})\n",
+        "space-trials.py": "from protscale.sweep.space import SearchSpace\nSPACE = SearchSpace('s', 'fake-data', 'clm')\n",
+        "space-negative.py": "from protscale.sweep.space import SearchSpace, Trial\n"
+                             "SPACE = SearchSpace('s', 'fake-data', [Trial('clm', 'tiny-3', -1e11)])\n",
+        "space-nan.py": "from protscale.sweep.space import SearchSpace, Trial\n"
+                        "SPACE = SearchSpace('s', 'fake-data', [Trial('clm', 'tiny-3', float('nan'))])\n",
+        "space-ok.py": "from protscale.sweep.space import SearchSpace, Trial\n"
+                       "SPACE = SearchSpace('s', 'fake-data', [Trial('clm', 'tiny-3', 1e11)], "
+                       "defaults={'batch_tokens': 2048})\n",
+    }
+    for name, text in spaces.items():
+        (d / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    (d / "results-truncated.json").write_text('{"schema_version": 1, "objectives": {')
+    (d / "results-binary.json").write_bytes(rnd)
+    (d / "results-other.json").write_text(json.dumps({"runs": [], "version": 3}))
+    (d / "results-list.json").write_text("[]")
+    (d / "results-version.json").write_text(json.dumps({"schema_version": 999}))
+    (d / "sizes-bad.json").write_text('{"85M": ')
+    (d / "sizes-list.json").write_text("[85000000]")
+    (d / "sizes-negative.json").write_text('{"85M": -3}')
+    (d / "tb").mkdir(exist_ok=True)
+    (d / "tb" / "x.csv").write_bytes(rnd)
+
+
+TRAIN = ["train", "--objective", "clm", "--size", "tiny-3", "--budget-flops", "1e11"]
+
+
+def _cases(unreachable: str) -> dict[str, list[list[str]]]:
+    """{command: [argv, ...]} — each must fail with one line."""
+    prep = ["data", "prepare", "--out", "out-ds", "-q"]
+    return {
+        "data prepare": [
+            prep + ["--source", "missing.fasta"],
+            prep + ["--source", "empty.fasta"],
+            prep + ["--source", "binary.fasta"],
+            prep + ["--source", "bad-residues.fasta"],
+            prep + ["--source", "no-header.fasta"],
+            prep + ["--source", "truncated.fasta.gz"],
+            prep + ["--source", "good.fasta:-1"],
+            prep + ["--source", "good.fasta:nan"],
+            prep + ["--source", "good.fasta", "--seq-len", "0"],
+            prep + ["--source", "good.fasta", "--seq-len", "-8"],
+            prep + ["--source", "good.fasta", "--val-fraction", "1.5"],
+            prep + ["--source", "good.fasta", "--rows-per-shard", "0"],
+            prep + ["--source", "good.fasta", "--ood", "binary.fasta"],
+            ["data", "prepare", "--source", "good.fasta", "--out", "not-a-dataset", "-q"],
+            ["data", "prepare", "--source", "good.fasta", "--out", "a-file", "-q"],
+            prep,
+        ],
+        "train": [
+            TRAIN + ["--data", "missing-dir"],
+            TRAIN + ["--data", "corrupt-manifest"],
+            TRAIN + ["--data", "binary-manifest"],
+            TRAIN + ["--data", "list-manifest"],
+            ["train", "--objective", "clm", "--size", "no-such", "--budget-flops", "1e11", "--data", "fake-data"],
+            ["train", "--objective", "xyz", "--size", "tiny-3", "--budget-flops", "1e11", "--data", "fake-data"],
+            ["train", "--objective", "clm", "--size", "tiny-3", "--budget-flops", "-1", "--data", "fake-data"],
+            ["train", "--objective", "clm", "--size", "tiny-3", "--budget-flops", "nan", "--data", "fake-data"],
+            ["train", "--objective", "clm", "--size", "tiny-3", "--budget-flops", "inf", "--data", "fake-data"],
+            ["train", "--objective", "clm", "--size", "tiny-3", "--budget-flops", "lots", "--data", "fake-data"],
+            ["train", "--objective", "clm", "--size", "tiny-3", "--budget-flops", "1", "--data", "fake-data"],
+            TRAIN + ["--data", "fake-data", "--workers", "3:1"],
+            TRAIN + ["--data", "fake-data", "--workers", "two"],
+            TRAIN + ["--data", "fake-data", "--lr-max", "-0.1"],
+            TRAIN + ["--data", "fake-data", "--batch-tokens", "-5"],
+            TRAIN + ["--data", "fake-data", "--zero-stage", "7"],
+            TRAIN + ["--data", "fake-data", "--max-failures", "-1"],
+            TRAIN + ["--data", "fake-data", "--tracking-uri", "corrupt.db"],
+            TRAIN + ["--data", "fake-data", "--tracking-uri", "other.db"],
+            TRAIN + ["--data", "fake-data", "--tracking-uri", unreachable],
+            TRAIN,
+        ],
+        "sweep": [
+            ["sweep", "missing-space.py", "--dry-run"],
+            ["sweep", "space-syntax.py", "--dry-run"],
+            ["sweep", "space-import.py", "--dry-run"],
+            ["sweep", "space-raises.py", "--dry-run"],
+            ["sweep", "space-exit.py", "--dry-run"],
+            ["sweep", "space-nospace.py", "--dry-run"],
+            ["sweep", "space-empty.py", "--dry-run"],
+            ["sweep", "space-binary.py", "--dry-run"],
+            ["sweep", "space-defaults.py", "--dry-run"],
+            ["sweep", "space-trials.py", "--dry-run"],
+            ["sweep", "space-negative.py", "--dry-run"],
+            ["sweep", "space-nan.py", "--dry-run"],
+            ["sweep", "space-ok.py", "--dry-run", "--gpu-memory", "-4"],
+            ["sweep", "space-ok.py", "--dry-run", "--mfu", "0"],
+            ["sweep", "space-ok.py", "--tracking-uri", "corrupt.db"],
+            ["sweep", "space-ok.py", "--tracking-uri", unreachable],
+        ],
+        "import tb-csv": [
+            ["import", "tb-csv", "missing-dir", "--experiment", "x", "--tracking-uri", "new.db"],
+            ["import", "tb-csv", "a-file", "--experiment", "x", "--tracking-uri", "new.db"],
+            ["import", "tb-csv", "tb", "--experiment", "x", "--tracking-uri", "new.db", "--seq-len", "0"],
+            ["import", "tb-csv", "tb", "--experiment", "x", "--tracking-uri", "new.db", "--size-map", "sizes-bad.json"],
+            ["import", "tb-csv", "tb", "--experiment", "x", "--tracking-uri", "new.db", "--size-map", "sizes-list.json"],
+            ["import", "tb-csv", "tb", "--experiment", "x", "--tracking-uri", "new.db", "--size-map", "sizes-negative.json"],
+            ["import", "tb-csv", "tb", "--experiment", "x", "--tracking-uri", "new.db", "--size-map", "missing.json"],
+            ["import", "tb-csv", "tb", "--experiment", "x", "--tracking-uri", "corrupt.db"],
+            ["import", "tb-csv", "tb", "--experiment", "x", "--tracking-uri", "other.db"],
+            ["import", "tb-csv", "tb", "--experiment", "x", "--tracking-uri", unreachable],
+        ],
+        "fit": [
+            ["fit", "--experiment", "x", "--tracking-uri", "missing.db", "--out", "fit-out", "-q"],
+            ["fit", "--experiment", "x", "--tracking-uri", "corrupt.db", "--out", "fit-out", "-q"],
+            ["fit", "--experiment", "x", "--tracking-uri", "truncated.db", "--out", "fit-out", "-q"],
+            ["fit", "--experiment", "x", "--tracking-uri", "other.db", "--out", "fit-out", "-q"],
+            ["fit", "--experiment", "x", "--tracking-uri", unreachable, "--out", "fit-out", "-q"],
+            ["fit", "--experiment", "x", "--tracking-uri", "corrupt.db", "--out", "fit-out", "--bootstrap", "3"],
+            ["fit", "--experiment", "x", "--tracking-uri", "corrupt.db", "--parametric-init", "1,2"],
+        ],
+        "plan": [
+            ["plan", "--budget-flops", "1e20", "--objective", "clm", "--results", "missing.json"],
+            ["plan", "--budget-flops", "1e20", "--objective", "clm", "--results", "results-truncated.json"],
+            ["plan", "--budget-flops", "1e20", "--objective", "clm", "--results", "results-binary.json"],
+            ["plan", "--budget-flops", "1e20", "--objective", "clm", "--results", "results-other.json"],
+            ["plan", "--budget-flops", "1e20", "--objective", "clm", "--results", "results-list.json"],
+            ["plan", "--budget-flops", "1e20", "--objective", "clm", "--results", "results-version.json"],
+            ["plan", "--budget-flops", "-1", "--objective", "clm", "--results", "results-other.json"],
+            ["plan", "--budget-flops", "nan", "--objective", "both", "--results", "missing.json"],
+            ["plan", "--budget-flops", "1e20", "--objective", "mlm"],
+        ],
+        "submit/status/logs/stop": [
+            ["submit", "--address", unreachable, "--no-working-dir", "--", "echo", "hi"],
+            ["submit", "--address", unreachable, "--no-working-dir"],
+            ["submit", "--address", unreachable, "--working-dir", "missing-dir", "--", "echo"],
+            ["submit", "--address", unreachable, "--no-working-dir", "--env", "=x", "--", "echo"],
+            ["submit", "--address", "not a url", "--no-working-dir", "--", "echo"],
+            ["status", "raysubmit_x", "--address", unreachable],
+            ["logs", "raysubmit_x", "--address", unreachable],
+            ["stop", "raysubmit_x", "--address", unreachable],
+        ],
+        "demo": [
+            ["demo", "--dir", "demo-dir", "--space", "space-raises.py"],
+        ],
+    }
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """{relative path: content hash} of every file and folder under ``root``."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _run_table(workdir: Path, cases: list[list[str]]) -> list[dict]:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "PYTHONWARNINGS": "ignore"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(cases)], cwd=workdir, env=env,
+                         capture_output=True, text=True, timeout=900)
+    marker = res.stdout.rfind("@@RESULTS@@")
+    assert marker >= 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return json.loads(res.stdout[marker + len("@@RESULTS@@"):])
+
+
+def _problems(result: dict) -> list[str]:
+    lines = [ln for ln in result["stderr"].splitlines() if ln.strip()]
+    bad = []
+    if result["rc"] in (0, None):
+        bad.append("exit 0")
+    if result["rc"] == "traceback" or "Traceback" in result["stderr"]:
+        bad.append("traceback")
+    if len(lines) != 1:
+        bad.append(f"{len(lines)} stderr lines")
+    return bad
+
+
+def test_every_command_fails_in_one_line_on_hostile_input(tmp_path):
+    work = tmp_path / "work"
+    _write_inputs(work)
+    table = _cases(_unreachable_url())
+    flat = [argv for argvs in table.values() for argv in argvs]
+    before = _snapshot(work)
+    start = time.perf_counter()
+    results = _run_table(work, flat)
+    seconds = time.perf_counter() - start
+    failures = []
+    for r in results:
+        bad = _problems(r)
+        if bad:
+            failures.append(f"{' '.join(r['argv'])}: {', '.join(bad)}:\n    " + r["stderr"][-1500:].replace("\n", "\n    "))
+    after = _snapshot(work)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    counts = {cmd: len(argvs) for cmd, argvs in table.items()}
+    print(f"hostile inputs by command: {counts}; total {len(flat)} in {seconds:.1f} s")
+    assert not failures, f"{len(failures)} of {len(flat)} cases:\n" + "\n".join(failures)
+    assert not changed, f"files written or changed: {changed}"
