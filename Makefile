@@ -7,15 +7,22 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 venv: $(STAMP)
 
+# torch first, as the CPU build. On Linux PyPI's plain torch==2.13.0 is the multi-GB CUDA build, so the
+# pin names the CPU build (2.13.0+cpu), which only PyTorch's CPU index carries (PyPI serves its
+# dependencies); where that index is unreachable pip's own sources must carry it (--find-links, a
+# mirror), or the install stops: never a silent CUDA download. PyPI's macOS wheels are CPU builds.
+# GPU machines: install torch 2.13.0 for your CUDA first, or `make venv TORCH=torch==2.13.0 TORCH_INDEX=`.
+TORCH       ?= $(if $(filter Linux,$(shell uname -s)),torch==2.13.0+cpu,torch==2.13.0)
+TORCH_INDEX ?= --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# CPU build of torch first: on PyPI a plain `torch==2.13.0` is the multi-GB CUDA build, so take
-	# PyTorch's CPU index when it is reachable (machines without it carry the CPU wheel locally).
 	if $(PY) -c "import socket; socket.setdefaulttimeout(5); socket.create_connection(('download.pytorch.org', 443)).close()" 2>/dev/null; \
-	then $(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; \
-	else $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e '.[dev]'
+	then $(PY) -m pip install -q '$(TORCH)' $(TORCH_INDEX); \
+	else $(PY) -m pip install -q '$(TORCH)'; fi
+	# dev: pytest and the test tools; export: transformers (protscale export, its test, the benchmark baseline)
+	$(PY) -m pip install -q -e '.[dev,export]'
 	# DeepSpeed compiles its CPU communication op at the first engine (~2 min); do it once here.
 	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	rm -f $(VENV)/.installed-*; touch $@

@@ -1,7 +1,7 @@
 """Adaptive IsoFLOP placement replayed on the paper's released CLM curves.
 
 "Training" a trial means revealing the final point of its logged curve. The replay reads the export
-folder with the importer's parser (``tracking.import_tb.scan``), keeps the points ``protscale fit`` would
+folder with the importer's parser (``tracking.tb_plan.scan``), keeps the points ``protscale fit`` would
 keep for the IsoFLOP fit (data checks, final points at planned budgets, runs that reached their budget:
 ``checks.run_checks`` + ``checks.final_points``), and then:
 
@@ -33,7 +33,7 @@ from protscale.analysis.checks import final_points, run_checks
 from protscale.analysis.data import make_runs
 from protscale.analysis.stats import single_thread_blas
 from protscale.tracking import contract as c
-from protscale.tracking.import_tb import scan
+from protscale.tracking.tb_plan import scan
 
 DEFAULT_LOGS = Path(__file__).resolve().parents[1].parent / "shared/data/reference-logs/gpt_valid"
 

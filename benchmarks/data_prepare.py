@@ -8,7 +8,10 @@ samples, every 0.2 s with psutil, the resident memory of the child (the driver) 
 all its descendants (the local Ray it starts: GCS, raylet, workers; shared object-store pages count once
 per process that maps them, so the tree figure is an upper bound). Printed per run: wall time of
 ``prepare()`` (Ray already started and warmed by a tiny prepare; Ray start-up printed separately), input
-residues/s, peak RSS of the driver and of the tree. Baseline: ``platform/protscale/data/prepare.py`` at
+residues/s, CPU seconds (user + system of every process in the tree, from the start to the end of the
+measured run; the less load-sensitive figure on a shared machine) per million residues and the rate they
+imply on all cores, and peak RSS of the driver and of the tree, plus the tree's PSS (shared pages counted
+once: the honest total). Baseline: ``platform/protscale/data/prepare.py`` at
 git ``HEAD~N`` that still holds the whole corpus in one process (``--baseline-rev``), loaded from git
 into a temporary module, same inputs, same machine, same run.
 """
@@ -82,38 +85,59 @@ def child(args) -> None:
         t0 = time.perf_counter()
         m = prepare(files, Path(tmp) / "out", seq_len=args.seq_len, progress=False)
         wall = time.perf_counter() - t0
+        print("MARK end", flush=True)
+        time.sleep(1.0)  # the parent reads every process's CPU time now
     residues = sum(s["residues"] for s in m["sources"])
     print("RESULT " + json.dumps({"wall_s": wall, "ray_start_s": t_ray, "residues": residues,
                                   "rows": m["totals"]["rows"], "hash": m["hash"],
                                   "stages_s": m["_run"]["stages_s"]}), flush=True)
 
 
+def _tree(root) -> list:
+    import psutil
+
+    try:
+        return [root] + root.children(recursive=True)
+    except psutil.Error:
+        return [root]
+
+
 def measure(impl: str, files: list[str], args) -> dict:
+    """Run one child; sample its process tree every 0.2 s between its MARK start and MARK end lines."""
     import psutil
 
     cmd = [sys.executable, __file__, "--child", json.dumps(files), "--impl", impl, "--seq-len",
            str(args.seq_len), "--baseline-rev", args.baseline_rev]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
     root = psutil.Process(proc.pid)
-    peak = {"driver": 0, "tree": 0}
-    started = threading.Event()
-    done = threading.Event()
+    peak = {"driver": 0, "tree": 0, "tree_pss": 0}
+    cpu0: dict[int, float] = {}  # user+sys per process when the measured run started
+    cpu: dict[int, float] = {}  # ... at the latest sample
+    started, done, lock = threading.Event(), threading.Event(), threading.Lock()
+
+    def snapshot(into: dict[int, float] | None = None) -> None:
+        rss, pss = {}, {}
+        for p in _tree(root):
+            try:
+                with p.oneshot():
+                    t = p.cpu_times()
+                    (into if into is not None else cpu)[p.pid] = t.user + t.system
+                    if into is None:
+                        mem = p.memory_full_info()
+                        rss[p.pid], pss[p.pid] = mem.rss, mem.pss
+            except psutil.Error:
+                pass
+        if into is None:
+            peak["driver"] = max(peak["driver"], rss.get(root.pid, 0))
+            peak["tree"] = max(peak["tree"], sum(rss.values()))
+            peak["tree_pss"] = max(peak["tree_pss"], sum(pss.values()))
 
     def sample() -> None:
         while not done.is_set():
             if started.is_set():
-                try:
-                    procs = [root] + root.children(recursive=True)
-                    rss = {}
-                    for p in procs:
-                        try:
-                            rss[p.pid] = p.memory_info().rss
-                        except psutil.Error:
-                            pass
-                    peak["driver"] = max(peak["driver"], rss.get(root.pid, 0))
-                    peak["tree"] = max(peak["tree"], sum(rss.values()))
-                except psutil.Error:
-                    pass
+                with lock:
+                    if started.is_set():
+                        snapshot()
             time.sleep(0.2)
 
     t = threading.Thread(target=sample, daemon=True)
@@ -121,7 +145,12 @@ def measure(impl: str, files: list[str], args) -> dict:
     result = None
     for line in proc.stdout:
         if line.startswith("MARK start"):
+            snapshot(cpu0)
             started.set()
+        elif line.startswith("MARK end"):
+            with lock:
+                snapshot()  # the last CPU figures, while every process still lives
+                started.clear()
         elif line.startswith("RESULT "):
             result = json.loads(line[len("RESULT "):])
     proc.wait()
@@ -131,6 +160,8 @@ def measure(impl: str, files: list[str], args) -> dict:
         raise SystemExit(f"{impl} run failed (exit {proc.returncode})")
     result["peak_driver_gb"] = peak["driver"] / 1e9
     result["peak_tree_gb"] = peak["tree"] / 1e9
+    result["peak_tree_pss_gb"] = peak["tree_pss"] / 1e9
+    result["cpu_s"] = sum(c - cpu0.get(pid, 0.0) for pid, c in cpu.items())
     return result
 
 
@@ -155,9 +186,12 @@ def main() -> int:
         for impl in (["ray"] if args.no_baseline else ["ray", "baseline"]):
             r = measure(impl, files, args)
             rows.append((size, impl, r))
+            cpu_per_m = r["cpu_s"] / (r["residues"] / 1e6)
             print(f"{impl:8s} {size:>3s} shard(s): {len(files)} files, {r['residues'] / 1e6:.1f}M residues: "
-                  f"{r['wall_s']:.1f} s, {r['residues'] / r['wall_s'] / 1e6:.2f}M residues/s; peak RSS driver "
-                  f"{r['peak_driver_gb']:.2f} GB, process tree {r['peak_tree_gb']:.2f} GB"
+                  f"{r['wall_s']:.1f} s, {r['residues'] / r['wall_s'] / 1e6:.2f}M residues/s; CPU {r['cpu_s']:.1f} s "
+                  f"= {cpu_per_m:.3f} CPU-s per M residues, {os.cpu_count() / cpu_per_m:.1f}M residues/s on "
+                  f"{os.cpu_count()} fully used cores; peak RSS driver {r['peak_driver_gb']:.2f} GB, process tree "
+                  f"{r['peak_tree_gb']:.2f} GB (PSS {r['peak_tree_pss_gb']:.2f} GB)"
                   + (f"; Ray start + warm-up {r['ray_start_s']:.1f} s; stages (s) "
                      + ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items()) if impl == "ray" else ""),
                   flush=True)
@@ -166,14 +200,15 @@ def main() -> int:
         if (size, "baseline") in by:
             a, b = by[(size, "ray")], by[(size, "baseline")]
             print(f"ratio ray/baseline at {size}: speed {b['wall_s'] / a['wall_s']:.2f}x, "
+                  f"CPU per residue {a['cpu_s'] / a['residues'] / (b['cpu_s'] / b['residues']):.2f}x, "
                   f"driver RSS {a['peak_driver_gb'] / max(b['peak_driver_gb'], 1e-9):.2f}x, "
                   f"tree RSS {a['peak_tree_gb'] / max(b['peak_tree_gb'], 1e-9):.2f}x")
     sizes = args.sizes.split(",")
     if len(sizes) >= 2:
         a, b = by[(sizes[0], "ray")], by[(sizes[-1], "ray")]
         print(f"ray scaling {sizes[0]} -> {sizes[-1]}: residues x{b['residues'] / a['residues']:.1f}, "
-              f"time x{b['wall_s'] / a['wall_s']:.2f}, driver RSS x{b['peak_driver_gb'] / a['peak_driver_gb']:.2f}, "
-              f"tree RSS x{b['peak_tree_gb'] / a['peak_tree_gb']:.2f}")
+              f"time x{b['wall_s'] / a['wall_s']:.2f}, CPU x{b['cpu_s'] / a['cpu_s']:.2f}, driver RSS x{b['peak_driver_gb'] / a['peak_driver_gb']:.2f}, "
+              f"tree RSS x{b['peak_tree_gb'] / a['peak_tree_gb']:.2f}, tree PSS x{b['peak_tree_pss_gb'] / a['peak_tree_pss_gb']:.2f}")
     return 0
 
 

@@ -149,6 +149,52 @@ def test_multiline_records_rejoined(tmp_path):
     assert recs[1].line == 2 + len(range(0, len(seqs[0]), 7)) * 2  # blank line after each line of record 0
 
 
+def test_block_reader_matches_record_reader(tmp_path):
+    """``read_fasta_blocks`` (array operations over whole blocks, what ``prepare`` reads with) yields the
+    same sequences as the record-by-record ``read_fasta``, and reports the same problems at the same
+    FILE:LINE, whether it skips them or stops, on random files full of edge cases and tiny chunks."""
+    from protscale.data.fasta import FastaError, read_fasta_blocks
+
+    rng = np.random.default_rng(7)
+    seen = {"problems": 0, "errors": 0, "sequences": 0}
+    alphabet = list(b"ACDEFGHIKLMNPQRSTVWYacdxXBUZO.-")
+    headers = [b">id%d", b">", b"> spaced", b">id%d desc >x", b">\t", b">>id%d"]
+    for trial in range(60):
+        parts = [b"\n \n"] if trial % 7 == 0 else [b"junk\n"] if trial % 11 == 0 else []
+        for k in range(int(rng.integers(0, 9))):
+            hdr = headers[int(rng.integers(len(headers)))]
+            body = bytes(rng.choice(alphabet, size=int(rng.integers(0, 60))).tolist())
+            if rng.random() < 0.1:
+                body += [b"1", b">", b"*", b"\xff", b" "][int(rng.integers(5))]
+            width = int(rng.integers(3, 20))
+            lines = [body[j:j + width] for j in range(0, len(body), width)]
+            end = [b"\n", b"\r\n", b"\n\n", b""][int(rng.integers(4))]
+            parts.append((hdr % k if b"%d" in hdr else hdr) + b"\n" + b"\n".join(lines) + end)
+        path = write(tmp_path / f"f{trial}.fa", b"".join(parts), gz=trial % 2 == 1)
+        for chunk in (5, 64, 1 << 20):
+            for skip in (True, False):
+                got = {}
+                for reader in ("records", "blocks"):
+                    problems, seqs = [], []
+                    try:
+                        if reader == "records":
+                            seqs = [r.seq for r in read_fasta(path, problems.append if skip else None,
+                                                              chunk_size=chunk)]
+                        else:
+                            blocks = read_fasta_blocks(path, problems.append if skip else None, chunk_size=chunk)
+                            seqs = [s for blk in blocks for s in blk.seqs()]
+                        err = None
+                    except FastaError as exc:
+                        err = str(exc)
+                    got[reader] = (seqs, [str(p) for p in problems], err)
+                assert got["blocks"] == got["records"], (b"".join(parts), chunk, skip)
+                seqs, problems, err = got["records"]
+                seen["sequences"] += len(seqs)
+                seen["problems"] += len(problems)
+                seen["errors"] += err is not None
+    assert min(seen.values()) > 50, seen  # both the clean and the problem paths were exercised
+
+
 def test_gzip_detected_by_magic_bytes(tmp_path):
     seqs = rand_seqs(150, 3)
     plain = write(tmp_path / "plain.fa", fasta_text(seqs))

@@ -38,26 +38,37 @@ def _scrambled_model(objective: str, seed: int = 0) -> ProteinLM:
     return model.eval()
 
 
-def _logged_run(tmp_path, model: ProteinLM) -> tuple[str, str]:
-    """A real MLflow run in a SQLite store holding ``model`` as the trial's model."""
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One real MLflow SQLite store for this module (creating a store costs seconds of migrations)."""
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    root = tmp_path_factory.mktemp("export-store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    experiment = MlflowClient(uri).create_experiment("export", artifact_location=(root / "artifacts").as_uri())
+    return uri, experiment
+
+
+def _logged_run(store, model: ProteinLM | None) -> str:
+    """A finished trial run in ``store`` holding ``model`` as its MLflow model (none if None)."""
+    from mlflow.tracking import MlflowClient
+
+    uri, experiment = store
     cl = MlflowClient(uri)
-    exp = cl.create_experiment("export", artifact_location=(tmp_path / "artifacts").as_uri())
-    run = cl.create_run(exp, run_name="trial", tags={c.KIND: "trial"})
+    run = cl.create_run(experiment, run_name="trial", tags={c.KIND: "trial"})
     cl.log_param(run.info.run_id, c.SEQ_LEN, 128)
-    registry.log_model(uri, run.info.run_id, model)
+    if model is not None:
+        registry.log_model(uri, run.info.run_id, model)
     cl.set_terminated(run.info.run_id)
-    return uri, run.info.run_id
+    return run.info.run_id
 
 
 @pytest.mark.parametrize("objective,auto", [("mlm", "AutoModelForMaskedLM"), ("clm", "AutoModelForCausalLM")])
-def test_export_matches_protscale_logits_on_real_proteins(tmp_path, objective, auto, capsys):
+def test_export_matches_protscale_logits_on_real_proteins(store, tmp_path, objective, auto, capsys):
     model = _scrambled_model(objective)
-    uri, run_id = _logged_run(tmp_path, model)
+    run_id = _logged_run(store, model)
     out = tmp_path / "hf"
-    assert main(["export", run_id, "--out", str(out), "--tracking-uri", uri]) == 0
+    assert main(["export", run_id, "--out", str(out), "--tracking-uri", store[0]]) == 0
     assert str(out) in capsys.readouterr().out
 
     hf = getattr(transformers, auto).from_pretrained(out).eval()
@@ -80,21 +91,16 @@ def test_export_matches_protscale_logits_on_real_proteins(tmp_path, objective, a
     assert worst <= TOLERANCE, f"{objective} export differs from protscale by {worst:.2e}"
 
 
-def test_export_refuses_a_run_without_a_model_and_a_used_directory(tmp_path, capsys):
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cl = MlflowClient(uri)
-    run = cl.create_run(cl.create_experiment("x", artifact_location=(tmp_path / "a").as_uri()))
-    assert main(["export", run.info.run_id, "--out", str(tmp_path / "hf"), "--tracking-uri", uri]) == 2
+def test_export_refuses_a_run_without_a_model_and_a_used_directory(store, tmp_path, capsys):
+    bare = _logged_run(store, None)
+    assert main(["export", bare, "--out", str(tmp_path / "hf"), "--tracking-uri", store[0]]) == 2
     assert "has no logged model" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
 
-    _, run_id = _logged_run(tmp_path / "second", _scrambled_model("clm")) if (tmp_path / "second").mkdir() is None else None
     used = tmp_path / "used"
     used.mkdir()
     (used / "keep.txt").write_text("mine")
-    uri2 = f"sqlite:///{tmp_path / 'second' / 'mlflow.db'}"
-    assert main(["export", run_id, "--out", str(used), "--tracking-uri", uri2]) == 2
+    run_id = _logged_run(store, _scrambled_model("clm"))
+    assert main(["export", run_id, "--out", str(used), "--tracking-uri", store[0]]) == 2
     assert "not an empty directory" in capsys.readouterr().err
     assert [p.name for p in used.iterdir()] == ["keep.txt"]

@@ -74,7 +74,7 @@ def _write_inputs(d: Path) -> None:
         (d / name).mkdir(exist_ok=True)
         (d / name / "manifest.json").write_bytes(content)
     (d / "fake-data").mkdir(exist_ok=True)
-    (d / "fake-data" / "manifest.json").write_text(json.dumps({"seq_len": 128, "hash": "x", "splits": {}}))
+    (d / "fake-data" / "manifest.json").write_text(json.dumps({"seq_len": 128, "hash": "x", "splits": {"train": {"rows": 10, "tokens": 1280}}}))
     (d / "corrupt.db").write_bytes(rnd)
     (d / "truncated.db").write_bytes(b"SQLite format 3\x00" + b"\x10\x00" * 40)
     import sqlite3
@@ -225,6 +225,15 @@ def _cases(unreachable: str) -> dict[str, list[list[str]]]:
             ["logs", "raysubmit_x", "--address", unreachable],
             ["stop", "raysubmit_x", "--address", unreachable],
         ],
+        "export/register": [
+            ["export", "0123abcd", "--out", "export-out", "--tracking-uri", "corrupt.db"],
+            ["export", "0123abcd", "--out", "export-out", "--tracking-uri", "missing.db"],
+            ["export", "0123abcd", "--out", "a-file", "--tracking-uri", "other.db"],
+            ["export", "0123abcd", "--out", "export-out", "--tracking-uri", unreachable],
+            ["register", "--experiment", "x", "--objective", "clm", "--tracking-uri", "corrupt.db"],
+            ["register", "--experiment", "x", "--objective", "clm", "--tracking-uri", "missing.db"],
+            ["register", "--experiment", "x", "--objective", "clm", "--tracking-uri", unreachable],
+        ],
         "demo": [
             ["demo", "--dir", "demo-dir", "--space", "space-raises.py"],
         ],
@@ -253,13 +262,18 @@ def _run_table(workdir: Path, cases: list[list[str]]) -> list[dict]:
 
 
 def _problems(result: dict) -> list[str]:
+    """What is wrong with a case's outcome: it must exit non-zero with ONE message on stderr — a line
+    ``protscale CMD: error: ...``, optionally followed by indented lines of the same message (a list of
+    the problems found in a search space) — and nothing else."""
     lines = [ln for ln in result["stderr"].splitlines() if ln.strip()]
     bad = []
     if result["rc"] in (0, None):
         bad.append("exit 0")
     if result["rc"] == "traceback" or "Traceback" in result["stderr"]:
         bad.append("traceback")
-    if len(lines) != 1:
+    if not lines or not (lines[0].startswith("protscale ") and ": error: " in lines[0]):
+        bad.append("no 'protscale CMD: error:' line first")
+    if any(not ln.startswith("  ") for ln in lines[1:]):
         bad.append(f"{len(lines)} stderr lines")
     return bad
 
@@ -284,3 +298,109 @@ def test_every_command_fails_in_one_line_on_hostile_input(tmp_path):
     print(f"hostile inputs by command: {counts}; total {len(flat)} in {seconds:.1f} s")
     assert not failures, f"{len(failures)} of {len(flat)} cases:\n" + "\n".join(failures)
     assert not changed, f"files written or changed: {changed}"
+
+
+def test_a_few_cases_through_the_installed_entry_point(tmp_path):
+    """The same contract through the ``protscale`` console script, one process each."""
+    work = tmp_path / "work"
+    _write_inputs(work)
+    before = _snapshot(work)
+    for argv in (["train", "--objective", "clm", "--size", "tiny-3", "--budget-flops", "nan", "--data", "fake-data"],
+                 ["sweep", "space-raises.py", "--dry-run"],
+                 ["plan", "--budget-flops", "1e20", "--objective", "clm", "--results", "results-binary.json"],
+                 ["fit", "--experiment", "x", "--tracking-uri", "corrupt.db"]):
+        res = subprocess.run([str(PROTSCALE), *argv], cwd=work, capture_output=True, text=True, timeout=300)
+        assert _problems({"rc": res.returncode, "stderr": res.stderr}) == [], (argv, res.stderr[-2000:])
+    assert _snapshot(work) == before
+
+
+# --- Ctrl-C: nothing partial is left, and running again works -------------------------------------------
+
+def _interrupt_when(cmd: list[str], cwd: Path, ready, timeout_s: float = 300) -> tuple[int, str]:
+    """Run ``cmd`` (in its own session, like a terminal's foreground job), send Ctrl-C (SIGINT to the
+    whole group) once ``ready(stderr_so_far)`` holds, and return (exit status, stderr). Whatever is left
+    of the session afterwards (a Ray the command started) is killed by process id."""
+    from servers import session_pids
+
+    log = cwd / f".stderr-{len(list(cwd.glob('.stderr-*')))}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while proc.poll() is None and time.monotonic() < deadline and not ready(log.read_text()):
+            time.sleep(0.2)
+        assert proc.poll() is None, f"finished before it could be interrupted:\n{log.read_text()[-2000:]}"
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        for pid in session_pids(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    log.unlink()
+    return rc, text
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_data_prepare_leaves_nothing_and_a_rerun_works(tmp_path):
+    cmd = [str(PROTSCALE), "data", "prepare", "--demo", "--out", "ds", "--seq-len", "128"]
+    rc, err = _interrupt_when(cmd, tmp_path, lambda e: "data prepare:" in e and "read" in e.lower())
+    assert rc == 130 and "interrupted" in err and "Traceback" not in err, err[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == [], "partial output left"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    again = subprocess.run(cmd + ["-q"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "ds" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (TB_LOGS / "gpt_valid").is_dir(), reason="needs ../shared/data/reference-logs")
+def test_ctrl_c_during_import_and_fit_leaves_nothing_partial(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    import shutil
+
+    logs = tmp_path / "logs"      # a small IsoFLOP slice of the paper's CLM curves: 1e19 and 3e19 FLOPs
+    for f in (TB_LOGS / "gpt_valid").rglob("*_1024l_*e19flops*.csv"):
+        (logs / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, logs / f.parent.name / f.name)
+    assert len(list(logs.rglob("*.csv"))) >= 8
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    imp = [str(PROTSCALE), "import", "tb-csv", str(logs), "--experiment", "paper", "--tracking-uri", uri]
+    env = dict(os.environ)
+    with open(tmp_path / "imp.out", "w") as out:
+        proc = subprocess.Popen(imp, cwd=tmp_path, stdout=out, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and "[3/" not in (tmp_path / "imp.out").read_text():
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    rc = proc.wait(timeout=120)
+    err = proc.stderr.read()
+    assert rc == 130 and "Traceback" not in err, err[-3000:]
+    cl = MlflowClient(uri)
+    exp = cl.get_experiment_by_name("paper")
+    interrupted = cl.search_runs([exp.experiment_id], filter_string="tags.kind = 'trial'")
+    assert interrupted and all(r.info.status == "FINISHED" for r in interrupted)     # none half-imported
+    again = subprocess.run(imp, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode in (0, 1), again.stderr[-3000:]      # 1: files the importer reports and skips
+    runs = cl.search_runs([exp.experiment_id], filter_string="tags.kind = 'trial'", max_results=5000)
+    assert len(runs) > len(interrupted)
+    names = [r.info.run_name for r in runs]
+    assert len(names) == len(set(names)), "a curve imported twice"
+
+    fit = [str(PROTSCALE), "fit", "--experiment", "paper", "--tracking-uri", uri, "--out", "fit-out", "--no-log"]
+    rc, err = _interrupt_when(fit, tmp_path, lambda e: "point(s)" in e)
+    assert rc == 130 and "Traceback" not in err, err[-3000:]
+    assert not (tmp_path / "fit-out").exists() and not list(tmp_path.glob(".fit-out*")), "partial fit output"
+    quick = fit + ["-q", "--bootstrap", "20", "--bootstrap-parametric", "20", "--parametric-grid", "coarse"]
+    again = subprocess.run(quick, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert again.returncode in (0, 1), again.stderr[-3000:]
+    assert json.loads((tmp_path / "fit-out" / "results.json").read_text())["schema_version"]

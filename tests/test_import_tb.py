@@ -11,7 +11,9 @@ import pytest
 
 from protscale import cli
 from protscale.tracking import contract as c
-from protscale.tracking.import_tb import DEFAULT_SIZE_MAP, import_tb_csv, load_size_map, scan
+from protscale.tracking.import_tb import import_tb_csv
+from protscale.tracking.tb_parse import DEFAULT_SIZE_MAP, load_size_map
+from protscale.tracking.tb_plan import scan
 from protscale.tracking.reader import curves, read_experiments
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared/data/reference-logs"

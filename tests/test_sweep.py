@@ -112,7 +112,7 @@ def _trial_runs(uri, experiment):
 
 
 @pytest.mark.slow
-def test_small_sweep_with_transfer_end_to_end(ray_local, demo_data, tmp_path):
+def test_small_sweep_with_transfer_end_to_end(ray_local, demo_data, tmp_path, capfd):
     space = _write_space(tmp_path, demo_data,
                          "transfer_grid(['tiny-3'], clm_budgets=[5e10], mlm_budgets=[2e10]) + "
                          "[Trial('clm', 'tiny-4', 5e10)]")
@@ -136,6 +136,38 @@ def test_small_sweep_with_transfer_end_to_end(ray_local, demo_data, tmp_path):
     # Starting from a trained CLM, the MLM's first evaluation beats the scratch MLM's.
     first = lambda r: min(client.get_metric_history(r.info.run_id, c.VAL_LOSS), key=lambda m: m.step).value  # noqa: E731
     assert first(transfer) < first(runs["mlm-tiny-3-2e10-s0"])
+
+    # The console: one progress display; Ray's tables and the trials' output are in the sweep's log.
+    out, log = capfd.readouterr().out, tmp_path / "runs" / "sweep-test" / "sweep.log"
+    text = log.read_text()
+    assert f"-> {log}" in out and "[sweep] sweep-test: 4 completed, 0 failed of 4 trial(s)" in out
+    for ray_line in ("Trial status", "[clm-tiny-3-5e10-s0] step", "Running in local mode"):
+        assert ray_line in text and ray_line not in out
+    # The live frontier on the parent run: best final val_loss per objective × budget (scratch trials
+    # only), counts after each finished trial, the IsoFLOP figures so far.
+    final = {n: r.data.metrics[c.VAL_LOSS] for n, r in runs.items()}
+    m = client.get_run(sweep[0].info.run_id).data.metrics
+    assert m["best_val_loss/clm/5e10"] == min(final["clm-tiny-3-5e10-s0"], final["clm-tiny-4-5e10-s0"])
+    assert m["best_val_loss/mlm/2e10"] == final["mlm-tiny-3-2e10-s0"]
+    assert (m["trials/completed"], m["trials/failed"], m["trials/running"]) == (4, 0, 0)
+    steps = [h.step for h in client.get_metric_history(sweep[0].info.run_id, "trials/completed")]
+    assert steps == sorted(steps) and steps[-1] == 4 and len(steps) >= 2
+    assert {a.path for a in client.list_artifacts(sweep[0].info.run_id, "live")} == {
+        "live/isoflop_clm.png", "live/isoflop_mlm.png"}
+    # Ray Tune as designed: trials ranked by val_loss (min), a trainable named for what it is, one
+    # checkpoint kept per trial.
+    from ray import tune
+
+    def protscale_trial(config):      # the sweep's trainable, by name (Tune checks it on restore)
+        raise AssertionError("not run")
+
+    wave0 = tmp_path / "runs" / "sweep-test" / "wave0"
+    best = tune.Tuner.restore(str(wave0), protscale_trial).get_results().get_best_result()
+    scratch = ("clm-tiny-3-5e10-s0", "clm-tiny-4-5e10-s0", "mlm-tiny-3-2e10-s0")
+    assert best.config["trial_name"] == min(scratch, key=final.get)
+    assert best.metrics[c.VAL_LOSS] == pytest.approx(min(final[n] for n in scratch))
+    trial_dirs = list(wave0.glob("protscale_trial_*"))
+    assert len(trial_dirs) == 3 and all(len(list(d.glob("checkpoint_*"))) == 1 for d in trial_dirs)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import threading
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
@@ -21,39 +22,43 @@ BUDGETS = (1e10, 1e11, 1e12)
 EXPONENT = 0.5
 
 
-def _store(tmp_path):
-    """Parent run + trial runs: 5 sizes per budget around N_opt = 0.1·C^0.5, loss = 2 + 0.3·(log10 N/N_opt)²
-    (+ noise 1e-3); plus runs that must not count: a failed one, a transfer one, one of a stale identity."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Trial runs: 5 sizes per budget around N_opt = 0.1·C^0.5, loss = 2 + 0.3·(log10 N/N_opt)² (+ noise
+    1e-3); plus runs that must not count: a failed one, a transfer one, one of a stale identity."""
+    tmp = tmp_path_factory.mktemp("live")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
     cl = MlflowClient(uri)
-    exp = cl.create_experiment("live", artifact_location=(tmp_path / "artifacts").as_uri())
-    parent = cl.create_run(exp, run_name="sweep-live", tags={c.KIND: "sweep"}).info.run_id
+    exp = cl.create_experiment("live", artifact_location=(tmp / "artifacts").as_uri())
     rng = np.random.default_rng(0)
 
     def add(name, budget, n, loss, status=c.STATUS_COMPLETED, init_from="", trial_hash="h"):
-        rid = cl.create_run(exp, run_name=name, tags={c.KIND: "trial", c.TRIAL: name, c.STATUS: status,
-                                                      c.PARENT_RUN_ID: parent}).info.run_id
+        rid = cl.create_run(exp, run_name=name, tags={c.KIND: "trial", c.TRIAL: name, c.STATUS: status}).info.run_id
         cl.log_batch(rid, params=[Param(k, str(v)) for k, v in {
             c.OBJECTIVE: "mlm", c.SIZE: f"n{n:.0f}", c.BUDGET_FLOPS: budget, c.N_PARAMS_NON_EMBEDDING: n,
             c.INIT_FROM: init_from, c.TRIAL_HASH: trial_hash}.items()],
             metrics=[Metric(c.VAL_LOSS, loss + 0.5, 0, 1), Metric(c.VAL_LOSS, loss, 0, 10)])
-        return rid
 
+    names = []
     for b in BUDGETS:
         n_opt = 0.1 * b ** EXPONENT
         for x in np.linspace(-1.0, 1.0, 5):
             n = n_opt * 10 ** x
-            name = f"mlm-n{n:.0f}-{budget_key(b)}"
-            add(name, b, n, 2.0 + 0.3 * x * x + rng.normal(0, 1e-3))
+            names.append(f"mlm-n{n:.0f}-{budget_key(b)}")
+            add(names[-1], b, n, 2.0 + 0.3 * x * x + rng.normal(0, 1e-3))
     add("failed-one", 1e11, 3e4, 1.0, status=c.STATUS_FAILED)
     add("transfer-one", 1e11, 3e4, 1.0, init_from="somerun")
     add("stale-one", 1e11, 3e4, 1.0, trial_hash="old")
-    return uri, cl, parent
+    return SimpleNamespace(uri=uri, client=cl, experiment=exp, names=names)
 
 
-def test_live_frontier_logs_best_losses_exponent_and_figures(tmp_path):
-    uri, cl, parent = _store(tmp_path)
-    frontier = LiveFrontier(uri, "live", parent, hashes={"stale-one": "new"})
+def _parent(store) -> str:
+    return store.client.create_run(store.experiment, tags={c.KIND: "sweep"}).info.run_id
+
+
+def test_live_frontier_logs_best_losses_exponent_and_figures(store, tmp_path):
+    cl, parent = store.client, _parent(store)
+    frontier = LiveFrontier(store.uri, "live", parent, hashes={"stale-one": "new"})
     snap = frontier.update({"completed": 15, "failed": 1, "running": 2}, step=16)
 
     m = cl.get_run(parent).data.metrics
@@ -72,14 +77,11 @@ def test_live_frontier_logs_best_losses_exponent_and_figures(tmp_path):
     assert all(os.path.getsize(cl.download_artifacts(parent, f, str(tmp_path))) > 10_000 for f in figures)
 
 
-def test_quiet_sweep_output_goes_to_the_log_and_driver_lines_to_the_console(tmp_path, capfd):
-    uri, cl, parent = _store(tmp_path)
+def test_quiet_sweep_output_goes_to_the_log_and_driver_lines_to_the_console(store, tmp_path, capfd):
+    cl, parent, names = store.client, _parent(store), store.names
     log = tmp_path / "runs" / "sweep.log"
-    names = [r.data.tags[c.TRIAL] for r in cl.search_runs([cl.get_experiment_by_name("live").experiment_id])
-             if r.data.tags.get(c.KIND) == "trial" and r.data.tags[c.STATUS] == c.STATUS_COMPLETED
-             and not r.data.params[c.INIT_FROM] and r.data.params[c.TRIAL_HASH] == "h"]
     with SweepMonitor("live", log) as monitor:
-        monitor.attach(LiveFrontier(uri, "live", parent))
+        monitor.attach(LiveFrontier(store.uri, "live", parent, hashes={"stale-one": "new"}))
         monitor.plan([Trial("mlm", "tiny-1", 1e10 * (i + 1)) for i in range(2)], {})    # 2 not started
         print("[adaptive] a driver line")                        # main thread: the console
         worker = threading.Thread(target=lambda: print("(protscale_trial pid=1) a worker line"))
@@ -98,6 +100,7 @@ def test_quiet_sweep_output_goes_to_the_log_and_driver_lines_to_the_console(tmp_
     assert f"-> {log}" in out and "[adaptive] a driver line" in out
     for line in ("a worker line", "fd 1", "fd 2", "Trial status"):
         assert line in text and line not in out
+    assert sum(f"| {n} completed, val_loss " in out for n in names) == 15      # one line per finished trial
     assert "[sweep] live: 15 completed, 0 failed of 17 trial(s)" in out
     assert "[sweep] mlm: N_opt ∝ C^0.5" in out
     assert cl.get_run(parent).data.metrics["trials/completed"] == 15
@@ -115,3 +118,36 @@ def test_a_broken_frontier_is_a_warning_not_an_error(tmp_path, capfd):
     assert "warning: live frontier not updated" in out and "the sweep goes on" in out
     assert "WARNING protscale live frontier of sweep broken" in log.read_text()
     assert monitor.counts()["completed"] == 1
+
+
+@pytest.mark.slow
+def test_a_worker_group_trial_reports_its_losses_to_tune(ray_local, demo_data, tmp_path):
+    """A GPU trial that needs several GPUs runs as a Ray Train worker group inside its Tune trial: its
+    losses reach Tune (Train's TuneReportCallback, added by ``trainer``) as well as MLflow. Here on CPU,
+    a group of one worker."""
+    from ray import tune
+
+    from protscale.train.config import TrialConfig
+    from protscale.train.trial import prepare_run, trainer
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = TrialConfig(objective="mlm", size="tiny-1", budget_flops=6 * 24576 * 4 * 2048, data=str(demo_data),
+                      tracking_uri=uri, experiment="group", name="mlm-group", batch_tokens=2048, eval_every=2,
+                      eval_rows=16)
+
+    def protscale_trial(config):
+        run = prepare_run(TrialConfig.from_dict(config["trial"]))
+        trainer(run, (1, 1), str(tmp_path / "trials"), max_failures=0).fit()
+
+    grid = tune.Tuner(tune.with_resources(protscale_trial, {"cpu": 1}), param_space={"trial": cfg.to_dict()},
+                      tune_config=tune.TuneConfig(metric=c.VAL_LOSS, mode="min"),
+                      run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0)).fit()
+    result = grid[0]
+    assert result.error is None
+    client = MlflowClient(uri)
+    run_id = client.search_runs([client.get_experiment_by_name("group").experiment_id])[0].info.run_id
+    logged = sorted((m.step, m.value) for m in client.get_metric_history(run_id, c.VAL_LOSS))
+    reported = result.metrics_dataframe[["step", c.VAL_LOSS]].to_records(index=False).tolist()
+    assert [s for s, _ in logged] == [2, 4] and len(reported) == 2
+    assert all(s == rs and v == pytest.approx(rv) for (s, v), (rs, rv) in zip(logged, reported))
+    assert grid.get_best_result().metrics[c.VAL_LOSS] == pytest.approx(logged[-1][1])

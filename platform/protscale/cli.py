@@ -25,8 +25,15 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line (no traceback), exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the flag, what is wrong, where the help is), not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="protscale",
         description="Compute-optimal protein language models: prepare data, train trials and sweeps "
         "(Ray Tune + Ray Train/DeepSpeed), track them in MLflow, fit scaling laws, plan budgets.",

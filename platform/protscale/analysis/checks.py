@@ -19,7 +19,7 @@ in the report. Checks, in order:
                      above are what exclude)
 
 Budget-level checks (too few sizes, an unbracketed minimum) are done by the IsoFLOP fit and reported
-in ``isoflop.dropped_budgets``.
+in results.json (``isoflop`` → ``dropped_budgets``).
 """
 
 from __future__ import annotations

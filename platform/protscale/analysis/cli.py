@@ -145,6 +145,12 @@ def _plan(args) -> int:
     from .results import clean_json, load_results
     from .trust import EXIT_UNUSABLE
 
+    import math
+
+    from protscale.cli import UserError
+
+    if not (math.isfinite(args.budget_flops) and args.budget_flops > 0):
+        raise UserError(f"--budget-flops {args.budget_flops:g}: must be a finite number > 0")
     res = load_results(args.results)
     p = plan(res, args.budget_flops, args.objective, data=args.data)
     print(json.dumps(clean_json(p), indent=1) if args.json else format_plan(p))

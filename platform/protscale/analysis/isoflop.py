@@ -4,7 +4,7 @@ Which points: one point per run, its *final* loss at the end of its own schedule
 A run trained with a schedule ending at budget C is only "at C" at its end: intermediate points of a
 cosine schedule are not what a run with budget C would reach, and using them biases the profile. So
 imported curves that pass several budgets contribute only their end point (at their own budget, or the
-compute where the curve ends when no budget is known); see ``budgets.assign_budgets`` for how budgets
+compute where the curve ends when no budget is known); see ``checks.final_points`` for how budgets
 close to each other (within 5% in C) are merged into one IsoFLOP slice.
 
 Per budget, loss vs x = log10 N is fitted by a parabola (least squares); its vertex is N_opt(C). A

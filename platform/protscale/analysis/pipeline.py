@@ -159,7 +159,8 @@ def _analyze(runs: pd.DataFrame, curves: pd.DataFrame, cfg: Config, *,
             blocks = dict(zip(fp["run_id"], fp["budget"])) if len(fp) else {}
             res["envelope"] = env = envelope.fit_envelope(sc_curves, blocks, n_boot=cfg.n_boot, seed=cfg.seed,
                                                           objective=obj)
-            bw, bad = trust.baseline_warning(env["envelope"], baseline, "the envelope's losses")
+            bw, bad = trust.baseline_warning(env["envelope"], baseline, "the envelope's losses",
+                                             min_share=trust.POINT_SHARE)
             env.update(warnings=[bw] if bw else [], unusable=bad, budget_range=env["compute_range"])
         except UserError as exc:
             res["envelope"] = {"status": "skipped", "reason": str(exc)}
@@ -294,7 +295,8 @@ def _parametric(obj: str, fp: pd.DataFrame, fp_all: pd.DataFrame, cfg: Config, p
     warnings += ident
     for w in ident:
         rep.add("parametric_identifiability", "warning", [], f"[{obj}] {w}")
-    bw, near = trust.baseline_warning(L, baseline or trust.baseline_info(), "the points fitted")
+    bw, near = trust.baseline_warning(L, baseline or trust.baseline_info(), "the points fitted",
+                                      min_share=trust.POINT_SHARE)
     if bw:
         warnings.append(bw)
         rep.add("unigram_baseline", "warning", [], f"[{obj}] parametric law: {bw}")
@@ -352,6 +354,7 @@ def _transfer(obj: str, runs: pd.DataFrame, curves: pd.DataFrame, fp: pd.DataFra
         return base
     boot = fit.pop("_boot")
     base.update(fit)
+    base["warnings"], base["unusable"] = trust.transfer_warnings(base)
     cols = ["log_k", "a", "b", "eta"]
     base["bootstrap_samples"] = {
         k: _samples(np.column_stack([np.nan_to_num(v[c], nan=0.0) if c in ("b", "eta") else v[c] for c in cols]))

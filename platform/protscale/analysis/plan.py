@@ -83,8 +83,8 @@ def _trust(results: dict, p: dict) -> None:
         s = p["split"]
         tgt = objs.get(s["target"]) or {}
         w, bad = trust.answer_warnings(tgt.get("parametric") or {}, s, C)
-        tw = (tgt.get("transfer") or {}).get("warnings") or []
-        s["warnings"], s["usable"] = w + list(tw), not bad
+        tr = tgt.get("transfer") or {}
+        s["warnings"], s["usable"] = w + list(tr.get("warnings") or []), not (bad or tr.get("unusable"))
         summary.extend(f"split ({s['target']} parametric law): {x}" for x in s["warnings"])
         methods(s["target"], p.get("target_alone"), "alone: ")
         p["usable"] = s["usable"]

@@ -51,10 +51,12 @@ def _overlaps(boxes) -> bool:
 
 
 def _thin_tick_labels(fig) -> None:
-    """Hide every other tick label of an axis until its visible labels do not overlap."""
-    renderer = _renderer(fig)
+    """Hide every other tick label of an axis until its visible labels do not overlap. Call after
+    ``tight_layout`` (which has placed the ticks and set their labels): no extra draw is needed."""
+    renderer = fig.canvas.get_renderer() if hasattr(fig.canvas, "get_renderer") else _renderer(fig)
     for ax in fig.axes:
         for axis in (ax.xaxis, ax.yaxis):
+            axis.get_tightbbox(renderer)          # ticks and labels up to date, without drawing the figure
             for _ in range(4):
                 labels = [t for t in axis.get_ticklabels(which="both") if t.get_visible() and t.get_text()]
                 boxes = [t.get_window_extent(renderer) for t in labels]
@@ -65,7 +67,6 @@ def _thin_tick_labels(fig) -> None:
                 for k, i in enumerate(order):
                     if k % 2:
                         labels[i].set_visible(False)
-                fig.canvas.draw()
 
 
 def overlapping_tick_labels(fig) -> list[str]:

@@ -178,6 +178,7 @@ def build_markdown(results: dict, plots: list[Path]) -> str:
             else:
                 L.append(f"Not fitted: {tr.get('reason')}")
             L.append("")
+            L += _warnings(tr)
             rows = [[p["run_id"][:8], p["scratch_run_id"][:8], f"{p['n_params']:.3g}", _g(p["budget_flops"], "{:.3g}"),
                      _g(p["init_budget_flops"], "{:.3g}"), p["n_points"], p["n_beyond_scratch"], p["n_no_benefit"],
                      _g(p.get("efficiency"), "{:.3f}")]

@@ -16,12 +16,26 @@ from .results import validate, write_results
 
 
 def write_outputs(an: Analysis, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    plots = make_plots(an.results, an.plot_data, out)
-    res_path = out / "results.json"
-    write_results(an.results, res_path)
-    md, htm = write_report(an.results, plots, out)
-    return [res_path, md, htm, *plots]
+    """Write plots, report and results.json into a hidden sibling folder first, then move the finished
+    files into ``out`` (results.json last): an interrupted or failed fit leaves no half-written output."""
+    import os
+    import shutil
+
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        plots = make_plots(an.results, an.plot_data, tmp)
+        write_results(an.results, tmp / "results.json")
+        md, htm = write_report(an.results, plots, tmp)
+        done = [*plots, md, htm, tmp / "results.json"]
+        out.mkdir(parents=True, exist_ok=True)
+        for f in done:
+            os.replace(f, out / Path(f).name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [out / "results.json", out / Path(md).name, out / Path(htm).name, *(out / Path(p).name for p in plots)]
 
 
 def _metrics(results: dict) -> dict[str, float]:

@@ -13,7 +13,9 @@ Three kinds, each a plain sentence that says what was measured and what it means
 * **near the unigram baseline**: fitted losses within ``margin`` (relative) of the loss of a model that
   only knows residue frequencies. The default baseline is the entropy of the amino-acid composition of
   UniProtKB/Swiss-Prot (:data:`UNIGRAM_BASELINE_NATS`, 2.888 nats); ``protscale fit --unigram-baseline``
-  sets another (e.g. a dataset's own). A law fitted only on such losses describes noise: unusable.
+  sets another (e.g. a dataset's own). For the IsoFLOP frontier the losses are each budget's best run (any
+  near the baseline is reported); for the parametric law and the envelope, their points (reported when at
+  least ``POINT_SHARE`` are). A law fitted only on such losses describes noise: unusable.
 
 A wide answer is also unusable: ``plan`` flags an N interval wider than a factor :data:`MAX_N_RATIO`.
 """
@@ -46,6 +48,7 @@ E_REL_SPREAD = 0.10        # near-equal basins whose E differ by more than 10% .
 EXP_SPREAD = 0.05          # ... or whose α or β differ by more than 0.05: not identifiable
 ALLOC_SPREAD = 0.10        # near-equal basins whose β/(α+β) differ by more than this: unusable for allocation
 MAX_N_RATIO = 100.0        # an N interval wider than this factor is no answer
+POINT_SHARE = 0.25         # warn on the points of a law when at least this share is near the baseline
 
 
 def baseline_info(nats: float | None = None, margin: float = BASELINE_MARGIN) -> dict:
@@ -55,19 +58,20 @@ def baseline_info(nats: float | None = None, margin: float = BASELINE_MARGIN) ->
     return {"nats": float(nats), "source": "given (--unigram-baseline)", "margin": margin}
 
 
-def baseline_warning(losses, baseline: dict, what: str) -> tuple[str | None, bool]:
+def baseline_warning(losses, baseline: dict, what: str, min_share: float = 0.0) -> tuple[str | None, bool]:
     """(warning, unusable) when losses a law was fitted on lie within the margin of the unigram baseline.
 
-    ``what`` names the losses ("the IsoFLOP minima", "the points fitted"). Unusable when all of them do."""
+    ``what`` names the losses ("the IsoFLOP minima", "the points fitted"). Says nothing when fewer than
+    ``min_share`` of them do; unusable when all of them do."""
     x = np.asarray([v for v in losses if v is not None and np.isfinite(v)], float)
     if x.size == 0 or not baseline:
         return None, False
     b, m = float(baseline["nats"]), float(baseline["margin"])
     near = x >= b * (1.0 - m)
-    if not near.any():
+    if not near.any() or near.mean() < min_share:
         return None, False
     every = bool(near.all())
-    msg = (f"{'all' if every else f'{int(near.sum())} of {x.size}'} of {what} (lowest {x.min():.4f} nats) "
+    msg = (f"{'all' if every else f'{int(near.sum())} of {x.size}'} of {what} (from {x[near].min():.4f} nats up) "
            f"lie within {100 * m:.0f}% of the unigram baseline {b:.3f} nats ({baseline['source']}): "
            + ("the models learnt little beyond residue frequencies, so the law describes noise"
               if every else "those models learnt little beyond residue frequencies"))
@@ -111,6 +115,26 @@ def parametric_identifiability(par: dict) -> tuple[list[str], bool]:
     return out, unusable
 
 
+def transfer_warnings(tr: dict) -> tuple[list[str], bool]:
+    """(warnings, unusable) of a fitted transfer law D_t = k·D_F^a·N^b."""
+    out: list[str] = []
+    unusable = False
+    iv = tr.get("a_ci95")
+    if iv and iv[0] is not None and iv[1] is not None and iv[0] <= 0 <= iv[1]:
+        out.append(f"not identifiable: the 95% interval of a, [{iv[0]:.3g}, {iv[1]:.3g}], contains 0 (the data do "
+                   "not say whether the transferred tokens grow with D_F)")
+    if tr.get("b") is None:
+        out.append("b not identified: every transfer pair has the same model size, so the law cannot say how "
+                   "transfer changes with N; allocations at other sizes extrapolate")
+    sr = tr.get("source_rule") or {}
+    if sr.get("n_runs") is not None and sr["n_runs"] < 3:
+        out.append(f"the source rule rests on {sr['n_runs']} transfer run(s)")
+    if iv is None:
+        out.append("no interval for a: too few bootstrap replicates succeeded")
+        unusable = True
+    return out, unusable
+
+
 def extrapolation_warning(budget: float, budget_range) -> str | None:
     """A budget outside the range a law was fitted on, with by how far."""
     if not budget_range or not budget > 0:
@@ -133,8 +157,7 @@ def answer_warnings(law: dict, answer: dict, budget: float) -> tuple[list[str], 
         out.append(w)
     iv = answer.get("n_ci95")
     if iv is None:
-        out.append("no interval: too few bootstrap replicates succeeded")
-        unusable = True
+        out.append("no interval: too few bootstrap replicates succeeded (or none stored)")
     elif not (iv[0] > 0 and iv[1] / iv[0] <= MAX_N_RATIO):
         ratio = "unbounded" if not iv[0] > 0 else f"{iv[1] / iv[0]:.3g}×"
         out.append(f"the 95% interval of N, [{iv[0]:.3g}, {iv[1]:.3g}], spans {ratio} (more than {MAX_N_RATIO:.0f}×): "

@@ -31,8 +31,8 @@ def add_commands(sub) -> None:
                    help="a FASTA or FASTA.gz file or URI (gzip detected from its bytes) and its mixing weight "
                    "(default 1): its share of the training residues. Repeat for several sources.")
     p.add_argument("--demo", action="store_true",
-                   help="use the bundled UniProt sample as the source (and its OOD file as --ood unless "
-                   "--ood or --ood-clusters is given)")
+                   help="use the bundled UniProt sample (9,000 sequences, ~3M residues) as the source (and "
+                   "its OOD file as --ood unless --ood or --ood-clusters is given)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output directory or URI, e.g. s3://datasets/uniref50-1024 (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it is a prepared dataset")
@@ -71,7 +71,7 @@ def _prepare(args) -> int:
     sources = [parse_source(s) for s in args.source]
     ood = args.ood
     if args.demo:
-        sources = [parse_source(str(bundled.MAIN))] + sources
+        sources = [parse_source(f"{path}:{weight:g}") for path, weight in bundled.DEMO_SOURCES] + sources
         if ood is None and args.ood_clusters is None:
             ood = str(bundled.OOD)
     if not sources:

@@ -25,6 +25,12 @@ import numpy as np
 from ..cli import UserError
 from .tokenizer import VALID_RESIDUES
 
+try:  # ISA-L's gzip reader (package ``isal``): the same format, about 3x faster to decompress
+    from isal import igzip as _gzip
+    from isal.isal_zlib import error as _GzipError
+except ImportError:  # pragma: no cover - isal is a dependency; the standard library reads the same files
+    _gzip, _GzipError = gzip, zlib.error
+
 GZIP_MAGIC = b"\x1f\x8b"
 _OTHER_MAGIC = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip",
                 b"PAR1": "Parquet"}
@@ -144,16 +150,16 @@ def open_fasta(path: str | Path, fs=None, digest: Digest | None = None) -> Binar
             raise FastaError(f"{name}: looks like {kind} data; expected FASTA text or gzip-compressed FASTA")
     stream = io.BufferedReader(_Raw(raw, head, digest or Digest()), buffer_size=CHUNK_SIZE)
     if head.startswith(GZIP_MAGIC):
-        return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[return-value]
+        return _gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[return-value]
     return stream  # type: ignore[return-value]
 
 
 def _chunks(path: str, fh: BinaryIO, chunk_size: int) -> Iterator[bytes]:
-    gz = isinstance(fh, gzip.GzipFile)
+    gz = isinstance(fh, (gzip.GzipFile, _gzip.GzipFile))
     while True:
         try:
             block = fh.read(chunk_size)
-        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        except (EOFError, zlib.error, _GzipError, gzip.BadGzipFile) as exc:
             raise FastaError(f"{path}: corrupt gzip data ({exc})") from None
         except OSError as exc:
             what = "corrupt gzip data" if gz else "read error"

@@ -505,6 +505,11 @@ def prepare(sources: Sequence[Source | str | tuple], out: str | Path, *, ood: st
     inputs = [locate(p) for p in paths]
     n_files = len(inputs)
     ood_index = len(srcs) if ood is not None else -1
+    if rows_per_shard < 1:
+        raise UserError(f"--rows-per-shard must be at least 1, got {rows_per_shard}")
+    for path, loc in zip(paths, inputs):      # an empty input fails here, before Ray starts
+        if loc.fs.get_file_info(loc.path).size == 0:
+            raise UserError(f"{path}: empty file (no FASTA records)")
     n_buckets = _n_buckets(inputs, seq_len, rows_per_shard)
     ray = connect_ray(address, progress)
 

@@ -118,8 +118,9 @@ def read_manifest(root: str | Path) -> dict:
 
 @dataclass
 class Block:
-    """Consecutive rows of one shard: ``tokens`` (rows, seq_len) uint8 and their segment lengths as one
-    flat int32 array (``seg_lens``) with row boundaries ``seg_offsets`` (rows + 1)."""
+    """Consecutive packed rows (as read from a shard, or as ``packing.pack_flat`` makes them for one):
+    ``tokens`` (rows, seq_len) uint8 and their segment lengths as one flat int32 array (``seg_lens``) with
+    row boundaries ``seg_offsets`` (rows + 1)."""
 
     tokens: np.ndarray
     seg_lens: np.ndarray

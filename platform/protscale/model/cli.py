@@ -30,9 +30,12 @@ def add_commands(sub) -> None:
 
 
 def _uri(args) -> str:
+    from ..tracking.auth import check_existing_store
     from ..tracking.contract import default_tracking_uri, resolve_tracking_uri
 
-    return resolve_tracking_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
+    uri = resolve_tracking_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
+    check_existing_store(uri)       # missing, corrupt or unreachable store: one line, nothing created
+    return uri
 
 
 def export_cmd(args) -> int:

@@ -138,6 +138,10 @@ def run_sweep_cmd(args) -> int:
     from ..cli import UserError
     from ..tracking.contract import default_tracking_uri, resolve_tracking_uri
 
+    for flag, value, ok in (("--gpu-memory", args.gpu_memory, args.gpu_memory is None or args.gpu_memory > 0),
+                            ("--mfu", args.mfu, 0 < args.mfu <= 1), ("--peak-tflops", args.peak_tflops, args.peak_tflops > 0)):
+        if not ok:
+            raise UserError(f"{flag} {value:g}: out of range (GPU memory and peak > 0, MFU in (0, 1])")
     space, manifest = _load(args.space, gpu_memory=args.gpu_memory)
     if args.dry_run:
         _dry_run(space, args.json, args.mfu, args.peak_tflops)

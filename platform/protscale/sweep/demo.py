@@ -30,16 +30,16 @@ def say(msg: str) -> None:
 
 
 def prepare_data(root: Path) -> Path:
-    """The bundled proteins (``MAIN`` + ``EXTRA``: ~9,000 sequences, ~3.1M tokens) as rows of 128 tokens
-    with IID validation and an OOD test split (once). The weights 2:1 follow the two files' residues
-    (2.1M, 1.08M), so the mix takes all of ``MAIN`` and nearly all of ``EXTRA``."""
-    from ..data import EXTRA, MAIN, OOD
+    """The bundled proteins (``DEMO_SOURCES``: ~9,000 sequences, ~3.0M training tokens) as rows of 128
+    tokens with IID validation and an OOD test split (once)."""
+    from ..data import OOD
+    from ..data.bundled import DEMO_SOURCES
     from ..data.prepare import prepare
 
     data = root / "data"
     if not (data / "manifest.json").is_file():
         say(f"preparing the bundled proteins -> {data}")
-        prepare([(MAIN, 2.0), (EXTRA, 1.0)], data, ood=OOD, seq_len=128, val_fraction=0.05, progress=False)
+        prepare(list(DEMO_SOURCES), data, ood=OOD, seq_len=128, val_fraction=0.05, progress=False)
     return data
 
 
@@ -80,7 +80,36 @@ def summary_lines(results: dict) -> list[str]:
             lines.append(f"{obj}: no IsoFLOP frontier ({iso.get('reason', 'not fitted')})")
         tr = o.get("transfer") or {}
         if tr.get("k") is not None:
-            lines.append(f"{obj}: transfer D_t = {tr['k']:.3g}·D_F^{tr['a']:.3f}·N^{tr['b'] if tr.get('b') is not None else float('nan'):.3f}")
+            b = tr["b"] if tr.get("b") is not None else float("nan")
+            lines.append(f"{obj}: transfer law D_t = {tr['k']:.3g}·D_F^{tr['a']:.3f}·N^{b:.3f}")
+        for p in tr.get("pairs") or []:
+            if p.get("d_t_final") is not None:
+                lines.append(f"{obj}: transfer pair at N = {p['n_params']:,.0f}: the {p['init_objective']} start is "
+                             f"worth {p['d_t_final']:,.0f} tokens of scratch training at the end of its "
+                             f"{p['d_f_final']:,.0f} tokens")
+    return lines
+
+
+def transfer_lines(space, uri: str) -> list[str]:
+    """Each transfer trial's final val_loss against its scratch baseline (same size, budget, seed)."""
+    from ..tracking import contract as c
+    from ..tracking import runs
+    from .space import Trial
+
+    cl = runs.client(uri)
+    exp = cl.get_experiment_by_name(space.name)
+
+    def final(name: str):
+        found = cl.search_runs([exp.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                               filter_string=f"tags.{c.TRIAL} = '{name}' and tags.{c.STATUS} = '{c.STATUS_COMPLETED}'")
+        return found[0].data.metrics.get(c.VAL_LOSS) if found else None
+
+    lines = []
+    for t in (t for t in space.trials if t.parent) if exp is not None else ():
+        base = Trial(t.objective, t.size, t.budget_flops, t.seed, batch_tokens=t.batch_tokens, lr_max=t.lr_max)
+        lt, ls = final(t.name), final(base.name)
+        if lt is not None and ls is not None:
+            lines.append(f"transfer {t.name}: val_loss {lt:.4f} vs {ls:.4f} from scratch ({lt - ls:+.4f} nats)")
     return lines
 
 
@@ -90,17 +119,21 @@ def run_demo(args) -> int:
     from .cli import _load
     from .tune import run_sweep
 
+    from .space import load
+
     start = time.perf_counter()
+    space_file = args.space or str(DEFAULT_SPACE)
+    load(space_file)           # a broken search-space file fails here, before anything is written
     root = Path(args.dir).resolve()
     data = prepare_data(root)
-    space, _ = _load(args.space or str(DEFAULT_SPACE), data_override=str(data))
+    space, _ = _load(space_file, data_override=str(data))
     uri = f"sqlite:///{root / 'mlflow.db'}"
     if space.adaptive is not None:
         a = space.adaptive
         say(f"sweep {space.name}: {len(space.trials)} fixed trial(s), then adaptive IsoFLOP waves for "
-            f"{'/'.join(a.objectives)} ({len(a.budgets)} budgets × {len(a.sizes)} candidate sizes, at most "
-            f"{a.limit()} trials per objective; stops when the N_opt exponent's 95% interval is "
-            f"<= {a.target_width:g} wide) -> {uri}")
+            f"{'/'.join(a.objectives)} ({len(a.budgets)} budgets, {len(a.grid()) // max(1, len(a.objectives))} "
+            f"candidate trials per objective, at most {a.limit()} trained; stops when the N_opt exponent's "
+            f"95% interval is <= {a.target_width:g} wide) -> {uri}")
     else:
         say(f"sweep {space.name}: {len(space.trials)} trials (Ray Tune + Ray Train/DeepSpeed) -> {uri}")
     connect_ray(None)
@@ -111,7 +144,10 @@ def run_demo(args) -> int:
     say(f"sweep: {done}/{len(statuses)} trials completed in {sweep_s:.0f} s")
     for obj, u in (adaptive_usage(space, statuses) or {}).items():
         say(f"adaptive {obj}: {u['trials']}/{u['grid_trials']} trials of the full grid, "
-            f"{u['compute'] / u['grid_compute']:.0%} of its compute ({u['compute']:.3g} of {u['grid_compute']:.3g} FLOPs)")
+            f"{u['compute'] / u['grid_compute']:.0%} of its compute "
+            f"({u['compute']:.3g} of {u['grid_compute']:.3g} FLOPs)")
+    for line in transfer_lines(space, uri):
+        say(line)
     report = root / "report"
     say(f"fitting scaling laws from the tracking store -> {report}")
     t_fit = time.perf_counter()

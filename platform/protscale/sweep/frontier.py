@@ -10,7 +10,8 @@ gets, at step = number of trials finished so far:
   once the IsoFLOP frontier can be fitted (the analyzer's :func:`~protscale.analysis.isoflop.fit_isoflop`,
   with a small bootstrap: it runs once per finished trial);
 * the figures ``live/isoflop_<objective>.png`` and, once fitted, ``live/frontier_<objective>.png``
-  (the analyzer's plots; each upload overwrites the previous one).
+  (the analyzer's plots; each upload overwrites the previous one), redrawn at most once a minute and at
+  the end: a figure costs about a CPU-second, which trials on a small machine would otherwise lose.
 
 The points are the trials' final ``val_loss`` (the latest value of each run: a completed trial's last
 evaluation is at the end of its own schedule), read with one ``search_runs`` call — the same on a
@@ -27,6 +28,7 @@ from pathlib import Path
 from ..tracking import contract as c
 
 N_BOOT = 200                 # bootstrap replicates of the live fit (the analyzer's default is 1000)
+FIGURE_EVERY_S = 60.0        # figures are redrawn at most this often (and at the end of the sweep)
 BEST = "best_val_loss"
 COMPLETED, FAILED, RUNNING = "trials/completed", "trials/failed", "trials/running"
 EXPONENT, EXPONENT_LO, EXPONENT_HI = "n_opt_exponent", "n_opt_exponent_ci95_low", "n_opt_exponent_ci95_high"
@@ -71,10 +73,13 @@ class LiveFrontier:
     """Reads the sweep's finished trials and writes the live frontier to its parent run."""
 
     def __init__(self, tracking_uri: str, experiment: str, run_id: str, hashes: dict[str, str] | None = None,
-                 n_boot: int = N_BOOT, seed: int = 0):
+                 n_boot: int = N_BOOT, seed: int = 0, figure_every_s: float = FIGURE_EVERY_S):
         self.tracking_uri, self.experiment, self.run_id = tracking_uri, experiment, run_id
         self.hashes = hashes or {}
         self.n_boot, self.seed = n_boot, seed
+        self.figure_every_s = figure_every_s
+        self._drawn: dict[str, tuple] = {}       # objective -> the trials its figures show
+        self._drawn_at = -float("inf")
 
     def read(self) -> Snapshot:
         """The trial runs of the experiment (of their current identity when ``hashes`` knows them)."""
@@ -106,11 +111,13 @@ class LiveFrontier:
                 snap.best[key] = (t.val_loss, t.name, t.size)
         return snap
 
-    def update(self, counts: dict[str, int], step: int, snap: Snapshot | None = None) -> Snapshot:
-        """Fit and log metrics and figures to the parent run (from ``snap``, read now when not given).
-        A fit that is not possible yet (the normal state early in a sweep) or fails is noted in
-        ``snap.no_frontier`` / ``snap.warnings``; store errors propagate to the caller, which logs them and
-        carries on."""
+    def update(self, counts: dict[str, int], step: int, snap: Snapshot | None = None,
+               final: bool = False) -> Snapshot:
+        """Fit and log metrics, and figures, to the parent run (from ``snap``, read now when not given).
+        Figures are drawn (about a CPU-second each) for objectives with new points, at most every
+        ``figure_every_s`` seconds and on the ``final`` update. A fit not possible yet (the normal state
+        early in a sweep) is noted in ``snap.no_frontier``, a failing fit or plot in ``snap.warnings``;
+        store errors propagate to the caller, which logs them and carries on."""
         import pandas as pd
         from mlflow.entities import Metric
 
@@ -120,6 +127,7 @@ class LiveFrontier:
         metrics = {best_key(o, b): v[0] for (o, b), v in snap.best.items()}
         metrics.update({COMPLETED: counts.get("completed", 0), FAILED: counts.get("failed", 0),
                         RUNNING: counts.get("running", 0)})
+        draw = final or time.monotonic() - self._drawn_at >= self.figure_every_s
         figures = []
         tmp = Path(tempfile.mkdtemp(prefix="protscale-frontier-"))
         for obj in sorted({t.objective for t in snap.trials.values() if t.objective}):
@@ -129,9 +137,15 @@ class LiveFrontier:
             if pts.empty:
                 continue
             try:
-                figures += self._fit(obj, pts, snap, metrics, tmp)
+                fit = self._fit(obj, pts, snap, metrics)
+                key = tuple(sorted(pts["run_id"]))
+                if draw and self._drawn.get(obj) != key:
+                    figures += self._draw(obj, pts, fit, snap, tmp)
+                    self._drawn[obj] = key
             except Exception as exc:        # a plot or fit problem must not stop the rest
                 snap.warnings.append(f"{obj}: {type(exc).__name__}: {exc}")
+        if figures:
+            self._drawn_at = time.monotonic()
         cl = runs.client(self.tracking_uri)
         now = int(time.time() * 1000)
         cl.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
@@ -142,19 +156,15 @@ class LiveFrontier:
         tmp.rmdir()
         return snap
 
-    def _fit(self, obj: str, pts, snap: Snapshot, metrics: dict, tmp: Path) -> list[Path]:
-        from types import SimpleNamespace
+    def _fit(self, obj: str, pts, snap: Snapshot, metrics: dict):
+        """The IsoFLOP fit of ``obj`` (None when there is no frontier yet, with the reason in ``snap``)."""
+        from ..analysis import isoflop
 
-        from ..analysis import isoflop, plots
-
-        figures = []
         try:
             fit = isoflop.fit_isoflop(pts, n_boot=self.n_boot, seed=self.seed, objective=obj)
         except isoflop.FrontierNotFitted as exc:
             snap.no_frontier[obj] = str(exc)
-            profiles = _with_points(exc.profiles, pts)
-            figures.append(plots.plot_isoflop(obj, {}, SimpleNamespace(profiles=profiles), tmp / f"isoflop_{obj}.png"))
-            return figures
+            return exc
         res = fit.result
         lo, hi = res.get("n_exponent_ci95") or (float("nan"), float("nan"))
         used = sum(1 for b in res["budgets"] if b["used"])
@@ -162,11 +172,20 @@ class LiveFrontier:
         metrics[f"{EXPONENT}/{obj}"] = res["n_exponent"]
         if lo == lo and hi == hi:
             metrics[f"{EXPONENT_LO}/{obj}"], metrics[f"{EXPONENT_HI}/{obj}"] = lo, hi
-        figures.append(plots.plot_isoflop(obj, res, SimpleNamespace(profiles=_with_points(fit.profiles, pts)),
-                                          tmp / f"isoflop_{obj}.png"))
+        return fit
+
+    def _draw(self, obj: str, pts, fit, snap: Snapshot, tmp: Path) -> list[Path]:
+        from types import SimpleNamespace
+
+        from ..analysis import isoflop, plots
+
+        profiles = SimpleNamespace(profiles=_with_points(fit.profiles, pts))
+        if obj not in snap.exponents:       # no frontier yet: the profiles and points so far
+            return [plots.plot_isoflop(obj, {}, profiles, tmp / f"isoflop_{obj}.png")]
+        res = fit.result
         samples = {k: v.tolist() for k, v in isoflop.frontier_samples(fit).items()}
-        figures.append(plots.plot_frontier(obj, {**res, "bootstrap_samples": samples}, tmp / f"frontier_{obj}.png"))
-        return figures
+        return [plots.plot_isoflop(obj, res, profiles, tmp / f"isoflop_{obj}.png"),
+                plots.plot_frontier(obj, {**res, "bootstrap_samples": samples}, tmp / f"frontier_{obj}.png")]
 
 
 def _with_points(profiles: list, pts) -> list:

@@ -32,6 +32,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from ..tracking import contract as c
+from .frontier import budget_key
 
 _ACTIVE: SweepMonitor | None = None
 
@@ -48,6 +49,10 @@ class TuneEvents(Callback):
     """Forwards Tune's trial events to the active :class:`SweepMonitor` (no state: safe to pickle)."""
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        if _ACTIVE is not None:
+            _ACTIVE.started(_name(trial))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):     # retried after an error: still running
         if _ACTIVE is not None:
             _ACTIVE.started(_name(trial))
 
@@ -164,7 +169,7 @@ class SweepMonitor:
         return rate * (k["pending"] + k["running"])
 
     # --- the frontier thread ----------------------------------------------------------------------------
-    def _refresh(self) -> None:
+    def _refresh(self, final: bool = False) -> None:
         if self.frontier is None:
             with self._lock:
                 for name in self.awaiting:
@@ -193,7 +198,7 @@ class SweepMonitor:
         if snap is None:
             return self._lines(awaiting)
         try:
-            snap = self.frontier.update(k, step=k["completed"] + k["failed"], snap=snap)
+            snap = self.frontier.update(k, step=k["completed"] + k["failed"], snap=snap, final=final)
             with self._lock:
                 self.snapshot = snap
             for w in snap.warnings:
@@ -240,7 +245,7 @@ class SweepMonitor:
         loss = f", val_loss {t.val_loss:.4f}" if t is not None and t.val_loss == t.val_loss else ""
         best = ""
         if t is not None and snap and snap.best.get((t.objective, t.budget_flops), (None, None))[1] == name:
-            best = f" (best of {t.objective} at {t.budget_flops:.3g})"
+            best = f" (best of {t.objective} at {budget_key(t.budget_flops)})"
         eta = self.eta()
         self.say(f"[sweep] {k['finished']}/{k['planned']} | {k['completed']} completed, {k['failed']} failed, "
                  f"{k['running']} running | {_clock(time.time() - self.start)}"
@@ -272,7 +277,7 @@ class SweepMonitor:
                           padding=(0, 2), header_style="bold")
             table.add_column("objective")
             for b in budgets:
-                table.add_column(f"C = {b:.3g}", justify="right")
+                table.add_column(f"C = {budget_key(b)}", justify="right")
             for obj in sorted({o for o, _ in snap.best}):
                 cells = []
                 for b in budgets:
@@ -294,7 +299,7 @@ class SweepMonitor:
         snap = self.snapshot
         if snap:
             for obj in sorted({o for o, _ in snap.best}):
-                best = ", ".join(f"{b:.3g}: {v[0]:.4f} ({v[2]})" for (o, b), v in sorted(snap.best.items()) if o == obj)
+                best = ", ".join(f"{budget_key(b)}: {v[0]:.4f} ({v[2]})" for (o, b), v in sorted(snap.best.items()) if o == obj)
                 lines.append(f"[sweep] best {obj} val_loss by budget: {best}")
             for obj, (n, lo, hi, used) in sorted(snap.exponents.items()):
                 lines.append(f"[sweep] {obj}: N_opt ∝ C^{n:.3f} (95% [{lo:.3f}, {hi:.3f}], {used} budgets)")
@@ -329,8 +334,7 @@ class SweepMonitor:
         if self._thread is not None:
             self._thread.join()
         try:
-            if self.awaiting or self.snapshot is None:
-                self._refresh()      # the final state of the parent run, written before the sweep returns
+            self._refresh(final=True)      # the final state of the parent run, before the sweep returns
         finally:
             _ACTIVE = None
             if self.live is not None:

@@ -80,8 +80,13 @@ def run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool 
     The console shows one live display of the sweep (``progress.SweepMonitor``), and the parent MLflow run
     gets the live frontier after each finished trial (``frontier.LiveFrontier``). Ray's own output goes to
     ``log_file`` (default ``<storage>/<sweep>/sweep.log``), or stays on the console with ``verbose``."""
+    import os
+
     from .progress import SweepMonitor, default_log_path
 
+    # With bounded checkpoints Tune snapshots its experiment state whenever a trial has replaced its
+    # kept checkpoint (so a restore never points at a deleted one), and warns about it; expected here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     log = log_file or default_log_path(_join(storage), space.name)
     with SweepMonitor(space.name, log, verbose) as monitor:
         return _run_sweep(space, tracking_uri, storage, resume, max_failures, monitor)
@@ -103,6 +108,7 @@ def _run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool
     hashes = trial_hashes(space, tracking_uri)       # identity of every trial (skip-if-done matches it)
     done = _finished_trials(tracking_uri, space.name, hashes)
     monitor.attach(LiveFrontier(tracking_uri, space.name, sweep_run, hashes))
+    monitor.plan(space.trials, done)                 # adaptive waves add theirs as they come
     statuses = {}
     for name, trials in _waves(space, tracking_uri, hashes):
         todo = [t for t in trials if t.name not in done]

@@ -18,6 +18,8 @@ import contextlib
 import functools
 import json
 import subprocess
+import time
+import warnings
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
@@ -26,7 +28,7 @@ from . import contract as c
 EXPERIMENT_KIND = "mlflow.experimentKind"
 MACHINE_LEARNING = "custom_model_development"      # the UI's "Machine learning" experiment type
 DESCRIPTION = "mlflow.note.content"
-VIEW_KEY = "protscale-trials"
+VIEW_KEY, VIEW_NAME = "protscale-trials", "protscale: trials"
 SHARED_VIEW = "mlflow.sharedViewState."           # + share key; the UI's URL names it viewStateShareKey
 GIT_COMMIT = "mlflow.source.git.commit"
 SOURCE_NAME, SOURCE_TYPE = "mlflow.source.name", "mlflow.source.type"
@@ -51,7 +53,9 @@ def describe_experiment(tracking_uri: str, experiment_id: str, description: str)
     cl = client(tracking_uri)
     cl.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MACHINE_LEARNING)
     cl.set_experiment_tag(experiment_id, DESCRIPTION, description)
-    cl.set_experiment_tag(experiment_id, SHARED_VIEW + VIEW_KEY, json.dumps(trials_view()))
+    now = int(time.time() * 1000)       # MLflow 3.17's saved-view envelope: a named view, its state as JSON
+    view = {"name": VIEW_NAME, "createdAt": now, "updatedAt": now, "state": json.dumps(trials_view())}
+    cl.set_experiment_tag(experiment_id, SHARED_VIEW + VIEW_KEY, json.dumps(view))
 
 
 def ui_base(tracking_uri: str) -> str:
@@ -111,8 +115,10 @@ def log_dataset(tracking_uri: str, run_id: str, data: str, manifest: dict, conte
     from .runs import client
 
     digest = str(manifest.get("hash", ""))[:DIGEST_CHARS] or None
-    dataset = MetaDataset(resolve_dataset_source(str(data)), name=Path(str(data).rstrip("/")).name or str(data),
-                          digest=digest)
+    with warnings.catch_warnings():      # "can be interpreted in multiple ways": two local-path resolvers
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(data))
+    dataset = MetaDataset(source, name=Path(str(data).rstrip("/")).name or str(data), digest=digest)
     client(tracking_uri).log_inputs(run_id, datasets=[DatasetInput(
         dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 

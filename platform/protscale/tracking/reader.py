@@ -281,7 +281,7 @@ def _read_sql(uri: str, names: list[str], keys: list[str] | None) -> Tables:
     engine = sa.create_engine(uri, poolclass=NullPool)
     trips = 0
     try:
-        with engine.connect() as conn:
+        with _store_errors(uri), engine.connect() as conn:
             insp = sa.inspect(conn)
             if not insp.has_table("experiments") or not insp.has_table("runs"):
                 raise UserError(f"{uri} is not an MLflow tracking store (no experiments/runs tables)")
@@ -356,6 +356,24 @@ def _read_sql(uri: str, names: list[str], keys: list[str] | None) -> Tables:
     return Tables(runs=_build_runs(run_rows, params, tags),
                   metrics=_build_metrics(run_ids, mkeys, steps, values, stamps),
                   experiment_ids={n: exps[n] for n in names}, round_trips=trips)
+
+
+import contextlib
+
+
+@contextlib.contextmanager
+def _store_errors(uri: str):
+    """A store that is corrupt, of another schema or unreachable: one ``UserError`` naming it."""
+    import sqlalchemy.exc
+
+    try:
+        yield
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        from .auth import shown
+
+        first = str(getattr(exc, "orig", exc)).strip().splitlines()
+        raise UserError(f"cannot read the MLflow store {shown(uri)}: {first[0] if first else type(exc).__name__}"
+                        " (corrupt, of another MLflow version, or not reachable)") from None
 
 
 # --- MLflow client (HTTP servers and others) ----------------------------------------------------------

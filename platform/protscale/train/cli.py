@@ -117,6 +117,9 @@ def run(args) -> int:
         tracking_uri=resolve_tracking_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri(),
         gpu_memory_gb=args.gpu_memory_gb if args.gpu else 0.0)
     manifest = read_manifest(cfg.data)      # a dataset without its manifest is refused here, in one line
+    if not isinstance(manifest.get("seq_len"), int) or not (manifest.get("splits") or {}).get("train"):
+        raise UserError(f"--data {args.data}: its manifest.json has no seq_len or no train split; prepare the "
+                        "dataset again (protscale data prepare --help)")
 
     from .trial import connect_ray, run_trial  # noqa: F401
 
