@@ -73,7 +73,7 @@ def child(args) -> None:
             for attempt in range(3):  # a loaded 2-core machine can miss Ray's 30 s raylet start-up limit
                 try:
                     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                             logging_level="WARNING")
+                             logging_level="WARNING", object_store_memory=args.object_store_mb * 2**20 or None)
                     break
                 except Exception:
                     ray.shutdown()
@@ -107,7 +107,7 @@ def measure(impl: str, files: list[str], args) -> dict:
     import psutil
 
     cmd = [sys.executable, __file__, "--child", json.dumps(files), "--impl", impl, "--seq-len",
-           str(args.seq_len), "--baseline-rev", args.baseline_rev]
+           str(args.seq_len), "--baseline-rev", args.baseline_rev, "--object-store-mb", str(args.object_store_mb)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
     root = psutil.Process(proc.pid)
     peak = {"driver": 0, "tree": 0, "tree_pss": 0}
@@ -171,6 +171,8 @@ def main() -> int:
                     "or 'all' (the 8 shards plus sample-2k.fasta at weight 0)")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--object-store-mb", type=int, default=0,
+                    help="cap Ray's object store (MiB; it spills to disk beyond); default: Ray's (30%% of RAM)")
     ap.add_argument("--baseline-rev", default=BASELINE_REV)
     ap.add_argument("--impl", default="ray", choices=("ray", "baseline"))
     ap.add_argument("--child", help=argparse.SUPPRESS)

@@ -192,3 +192,25 @@ def test_demo_reports_adaptive_trials_and_compute_against_the_full_grid():
     u = adaptive_usage(space, statuses)["mlm"]
     assert u == {"trials": 3, "grid_trials": 6, "compute": 3e10, "grid_compute": 3.3e11}
     assert adaptive_usage(SearchSpace("f", "unused", a.first_pass()), statuses) is None
+
+
+def test_budgets_whose_best_is_an_edge_candidate_get_the_neighbour_inside():
+    """Recorded first pass of the demo (val_loss of the real trials): at 3e10 and 1e11 the best run is the
+    smallest size the data allows (no smaller candidate), so the wave refines next to it instead."""
+    from pathlib import Path
+
+    from protscale.sweep.space import load
+
+    space = load(Path(__file__).resolve().parents[1] / "search_spaces" / "demo_cpu.py")
+    a = space.adaptive
+
+    def n(s):
+        return float(get_size(s).n_params_non_embedding)
+
+    pts = {"mlm": [(1e10, n("micro-1"), 2.7142), (1e10, n("micro-3"), 2.7021), (1e10, n("tiny-1"), 2.8949),
+                   (3e10, n("micro-2"), 2.6771), (3e10, n("micro-4"), 2.6967), (3e10, n("tiny-2"), 2.8891),
+                   (1e11, n("micro-4"), 2.6717), (1e11, n("tiny-1"), 2.6979), (1e11, n("tiny-3"), 2.8969)]}
+    (w,) = next_wave(a, pts, {t.name for t in space.trials})
+    names = {t.name for t in w.trials}
+    assert {"mlm-micro-3-3e10-s0", "mlm-micro-5-1e11-s0"} <= names
+    assert len(w.trials) <= a.limit() - 9 and not w.done

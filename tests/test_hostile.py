@@ -316,7 +316,8 @@ def test_a_few_cases_through_the_installed_entry_point(tmp_path):
 
 # --- Ctrl-C: nothing partial is left, and running again works -------------------------------------------
 
-def _interrupt_when(cmd: list[str], cwd: Path, ready, timeout_s: float = 300) -> tuple[int, str]:
+def _interrupt_when(cmd: list[str], cwd: Path, ready, timeout_s: float = 300,
+                    allow_exit: bool = False) -> tuple[int, str]:
     """Run ``cmd`` (in its own session, like a terminal's foreground job), send Ctrl-C (SIGINT to the
     whole group) once ``ready(stderr_so_far)`` holds, and return (exit status, stderr). Whatever is left
     of the session afterwards (a Ray the command started) is killed by process id."""
@@ -331,8 +332,10 @@ def _interrupt_when(cmd: list[str], cwd: Path, ready, timeout_s: float = 300) ->
     try:
         while proc.poll() is None and time.monotonic() < deadline and not ready(log.read_text()):
             time.sleep(0.2)
-        assert proc.poll() is None, f"finished before it could be interrupted:\n{log.read_text()[-2000:]}"
-        os.killpg(proc.pid, signal.SIGINT)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            assert allow_exit, f"finished before it could be interrupted:\n{log.read_text()[-2000:]}"
         rc = proc.wait(timeout=120)
     finally:
         for pid in session_pids(proc.pid):
@@ -351,7 +354,11 @@ def _interrupt_when(cmd: list[str], cwd: Path, ready, timeout_s: float = 300) ->
 @pytest.mark.slow
 def test_ctrl_c_during_data_prepare_leaves_nothing_and_a_rerun_works(tmp_path):
     cmd = [str(PROTSCALE), "data", "prepare", "--demo", "--out", "ds", "--seq-len", "128"]
-    rc, err = _interrupt_when(cmd, tmp_path, lambda e: "data prepare:" in e and "read" in e.lower())
+    for attempt in (1, 2):     # a loaded machine can miss Ray's start-up timeout: that run fails in one line
+        rc, err = _interrupt_when(cmd, tmp_path, lambda e: "data prepare:" in e and "read" in e.lower(),
+                                  allow_exit=True)
+        if rc != 2 or "did not start" not in err:
+            break
     assert rc == 130 and "interrupted" in err and "Traceback" not in err, err[-3000:]
     assert [p.name for p in tmp_path.iterdir()] == [], "partial output left"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -368,18 +375,20 @@ def test_ctrl_c_during_import_and_fit_leaves_nothing_partial(tmp_path):
 
     import shutil
 
-    logs = tmp_path / "logs"      # a small IsoFLOP slice of the paper's CLM curves: 1e19 and 3e19 FLOPs
-    for f in (TB_LOGS / "gpt_valid").rglob("*_1024l_*e19flops*.csv"):
-        (logs / f.parent.name).mkdir(parents=True, exist_ok=True)
-        shutil.copy(f, logs / f.parent.name / f.name)
-    assert len(list(logs.rglob("*.csv"))) >= 8
+    logs = tmp_path / "logs"      # a small IsoFLOP slice of the paper's CLM curves: 5 sizes at 2 budgets
+    for size in ("47M", "85M", "130M", "170M", "300M"):
+        for budget in ("1e19", "3e19"):
+            for f in (TB_LOGS / "gpt_valid").rglob(f"run-gpt_{size}_1024l_{budget}flops*.csv"):
+                (logs / f.parent.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, logs / f.parent.name / f.name)
+    assert len(list(logs.rglob("*.csv"))) >= 10
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     imp = [str(PROTSCALE), "import", "tb-csv", str(logs), "--experiment", "paper", "--tracking-uri", uri]
     env = dict(os.environ)
     with open(tmp_path / "imp.out", "w") as out:
         proc = subprocess.Popen(imp, cwd=tmp_path, stdout=out, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline and "[3/" not in (tmp_path / "imp.out").read_text():
+    while proc.poll() is None and time.monotonic() < deadline and "[2/" not in (tmp_path / "imp.out").read_text():
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGINT)
     rc = proc.wait(timeout=120)
@@ -389,7 +398,9 @@ def test_ctrl_c_during_import_and_fit_leaves_nothing_partial(tmp_path):
     exp = cl.get_experiment_by_name("paper")
     interrupted = cl.search_runs([exp.experiment_id], filter_string="tags.kind = 'trial'")
     assert interrupted and all(r.info.status == "FINISHED" for r in interrupted)     # none half-imported
+    t = time.perf_counter()
     again = subprocess.run(imp, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    print(f"import re-run {time.perf_counter() - t:.1f} s")
     assert again.returncode in (0, 1), again.stderr[-3000:]      # 1: files the importer reports and skips
     runs = cl.search_runs([exp.experiment_id], filter_string="tags.kind = 'trial'", max_results=5000)
     assert len(runs) > len(interrupted)
@@ -397,10 +408,14 @@ def test_ctrl_c_during_import_and_fit_leaves_nothing_partial(tmp_path):
     assert len(names) == len(set(names)), "a curve imported twice"
 
     fit = [str(PROTSCALE), "fit", "--experiment", "paper", "--tracking-uri", uri, "--out", "fit-out", "--no-log"]
+    t = time.perf_counter()
     rc, err = _interrupt_when(fit, tmp_path, lambda e: "point(s)" in e)
+    print(f"interrupted fit {time.perf_counter() - t:.1f} s")
     assert rc == 130 and "Traceback" not in err, err[-3000:]
     assert not (tmp_path / "fit-out").exists() and not list(tmp_path.glob(".fit-out*")), "partial fit output"
     quick = fit + ["-q", "--bootstrap", "20", "--bootstrap-parametric", "20", "--parametric-grid", "coarse"]
+    t = time.perf_counter()
     again = subprocess.run(quick, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    print(f"quick fit {time.perf_counter() - t:.1f} s")
     assert again.returncode in (0, 1), again.stderr[-3000:]
     assert json.loads((tmp_path / "fit-out" / "results.json").read_text())["schema_version"]

@@ -74,6 +74,16 @@ def test_tiny_trial_learns_and_follows_the_tracking_contract(ray_local, demo_dat
     lr_max = float(run.data.params[c.LR_MAX])
     assert all(lr[s] == pytest.approx(recipe.lr_at(s, steps, lr_max), rel=1e-6) for s in lr)
 
+    # Where MLflow users look: the final model (loadable; no raw weights file), the dataset input, system metrics.
+    from protscale.data.shards import read_manifest
+    from protscale.model.registry import load_model
+
+    model = load_model(cfg.tracking_uri, result.run_id)
+    assert model.cfg.causal == (objective == "clm") and model.count_parameters()[1] == 12 * 3 * 64 ** 2
+    assert [a.path for a in client.list_artifacts(result.run_id)] == []
+    assert read_manifest(demo_data)["hash"].startswith(run.inputs.dataset_inputs[0].dataset.digest)
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+
     val = dict(_history(client, result.run_id, c.VAL_LOSS))
     baseline = _unigram_baseline(demo_data, objective)
     assert val[last] < baseline, f"{objective} val_loss {val[last]:.4f} not below the unigram baseline {baseline:.4f}"

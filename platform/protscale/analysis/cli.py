@@ -54,7 +54,7 @@ def add_commands(sub) -> None:
     fit.add_argument("--parametric-init", type=_floats, metavar="E,A,B,ALPHA,BETA",
                      help="also fit from this initial point (e.g. a paper's) and report where it lands")
     fit.add_argument("--unigram-baseline", type=float, metavar="NATS",
-                     help="loss of predicting residues from their frequencies alone; fitted losses within 3%% of it "
+                     help="loss of predicting residues from their frequencies alone; fitted losses not 3%% below it "
                      "are flagged (default 2.888: entropy of the UniProtKB/Swiss-Prot amino-acid composition)")
     fit.add_argument("--no-log", action="store_true", help="do not log an MLflow analysis run")
     fit.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -69,8 +69,9 @@ def add_commands(sub) -> None:
         "whose interval reaches 0), extrapolation beyond the budgets fitted (by how far), fitted losses near\n"
         "the unigram baseline, an N interval wider than a factor 100. Answers resting on an unusable law are\n"
         "marked UNUSABLE.",
-        epilog="exit status: 0 answer usable; 2 bad input (no such file, objective not fitted, ...); "
-        "3 answer printed, but every law it rests on is unusable (see its warnings)")
+        epilog="exit status:\n  0  the answer rests on at least one usable law\n"
+        "  2  bad input (no such file, objective not fitted, ...)\n"
+        "  3  answer printed, but every law it rests on is unusable (see its warnings)")
     pl.add_argument("--budget-flops", type=float, required=True, metavar="C", help="total compute budget in FLOPs")
     pl.add_argument("--objective", choices=("clm", "mlm", "both"), required=True)
     pl.add_argument("--results", default="fit/results.json", metavar="FILE",

@@ -55,7 +55,7 @@ def baseline_info(nats: float | None = None, margin: float = BASELINE_MARGIN) ->
     """The ``unigram_baseline`` block of results.json."""
     if nats is None:
         return {"nats": UNIGRAM_BASELINE_NATS, "source": BASELINE_SOURCE, "margin": margin}
-    return {"nats": float(nats), "source": "given (--unigram-baseline)", "margin": margin}
+    return {"nats": float(nats), "source": "given with --unigram-baseline", "margin": margin}
 
 
 def baseline_warning(losses, baseline: dict, what: str, min_share: float = 0.0) -> tuple[str | None, bool]:
@@ -71,8 +71,9 @@ def baseline_warning(losses, baseline: dict, what: str, min_share: float = 0.0) 
     if not near.any() or near.mean() < min_share:
         return None, False
     every = bool(near.all())
-    msg = (f"{'all' if every else f'{int(near.sum())} of {x.size}'} of {what} (from {x[near].min():.4f} nats up) "
-           f"lie within {100 * m:.0f}% of the unigram baseline {b:.3f} nats ({baseline['source']}): "
+    msg = (f"{'all' if every else f'{int(near.sum())} of {x.size}'} of {what} are at or above "
+           f"{b * (1 - m):.4f} nats (lowest {x[near].min():.4f}): no better than {100 * m:.0f}% below the unigram "
+           f"baseline {b:.3f} nats ({baseline['source']}): "
            + ("the models learnt little beyond residue frequencies, so the law describes noise"
               if every else "those models learnt little beyond residue frequencies"))
     return msg, every

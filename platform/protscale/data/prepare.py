@@ -3,14 +3,16 @@ packed Parquet shards plus ``manifest.json`` (see ``shards.py`` for the format),
 
 Nothing holds the corpus in one process; every stage works on a bounded piece of it:
 
-1. **Read** (one Ray Data task per file, streaming records in batches): validate (``fasta.py``: the first
-   invalid record stops the run with its ``FILE:LINE``, or is skipped and counted), hash each sequence
-   (64-bit BLAKE2b) and give it a bucket: ``hash % n_buckets``.
+1. **Read** (one Ray Data task per file, streaming ~4 MiB blocks of records): parse and validate a whole
+   block with array operations (``fasta.read_fasta_blocks``: the first invalid record stops the run with
+   its ``FILE:LINE``, or is skipped and counted), hash each sequence (64-bit BLAKE2b) and give it a
+   bucket: ``hash % n_buckets``. A block becomes an Arrow table on its own buffers (no per-row objects).
 2. **De-duplicate** by hash partitioning: Ray Data's ``groupby("bucket").map_groups`` brings every copy
    of a sequence to the same task, which keeps the first occurrence (sources in the order given, then
-   the ``--ood`` file) comparing the sequences themselves, and writes its unique rows to one intermediate
-   Parquet file. A bucket holds about ``rows_per_shard`` rows' worth of residues, so memory per task is
-   bounded whatever the corpus size; the shuffle spills through Ray's object store.
+   the ``--ood`` file): rows sorted by hash, the sequences themselves compared where hashes tie. It
+   writes its unique rows to one intermediate Parquet file. A bucket holds about ``rows_per_shard`` rows'
+   worth of residues, so memory per task is bounded whatever the corpus size; the shuffle spills through
+   Ray's object store.
 3. **OOD test split**: the ``--ood`` file's unique sequences not found in any source; or with
    ``--ood-clusters``, whole ``mmseqs easy-cluster`` clusters holding that fraction of the residues
    (mmseqs reads one FASTA streamed from the buckets); else none.
@@ -19,7 +21,8 @@ Nothing holds the corpus in one process; every stage works on a bounded piece of
    residues, taken in hash order (the scarcest source relative to its weight is used in full, so
    nothing repeats), and that fraction of the used sequences that gives ``val_fraction`` (at least
    ``val_min``) goes to IID validation. Per bucket this is exact to one sequence.
-5. **Tokenise and pack** each bucket's splits (``packing.py``) into ``<split>/part-<bucket>.parquet``.
+5. **Tokenise and pack** each bucket's splits (``packing.py``: one table lookup over the split's residue
+   bytes, rows cut by array offsets) into ``<split>/part-<bucket>.parquet``.
 
 Outputs go to a local path or a URI (``s3://``, ``gs://``; see ``storage.py``). A local dataset is built
 in a temporary sibling directory and renamed into place; a remote one is written under its prefix with the
@@ -56,10 +59,10 @@ from .tokenizer import VOCAB_SIZE
 FORMAT_VERSION = 2
 TOKENIZER = "esm2"
 FIRST_PROBLEMS = 5  # rejected-record locations kept per source
-READ_BATCH_RESIDUES = 4 << 20  # a read task emits a batch per ~4M residues
 RESIDUES_PER_COMPRESSED_BYTE = 1.7  # estimate for gzip FASTA (1.0 for plain text), to size the buckets
 MAX_BUCKETS = 1 << 16  # ~8M tokens each at the defaults: 0.5T tokens before buckets grow
 MAX_PARTITIONS = 2048  # shuffle partitions (a task de-duplicates the few buckets of one)
+BLOCK_BYTES = 16 << 20  # Ray Data block size (see connect_ray)
 INTERMEDIATE_COMPRESSION = "lz4"  # de-duplicated buckets, read back once: fast beats small
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 
@@ -139,11 +142,22 @@ def connect_ray(address: str | None = None, progress: bool = True):
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
-        ray.init(address=address, include_dashboard=None if address else True, logging_level="WARNING")
+        try:
+            ray.init(address=address, include_dashboard=None if address else True, logging_level="WARNING")
+        except Exception as exc:     # no Ray to run on: one line
+            if isinstance(exc, UserError):
+                raise
+            raise UserError(f"Ray {'at ' + address if address else '(local)'} did not start or answer: "
+                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; run again (a loaded "
+                            "machine can miss Ray's start-up timeout) or give --address of a running cluster") from None
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.print_on_execution_start = progress
     ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED  # tasks, no actors
+    # Blocks of ~16 MiB: the sort shuffle makes one de-duplication task per input block, so smaller blocks
+    # than Ray's default (128 MiB; a whole input file here) bound a task's memory and let one file's
+    # buckets be de-duplicated in parallel.
+    ctx.target_max_block_size = BLOCK_BYTES
     logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.ERROR)
     return ray
 
@@ -272,6 +286,8 @@ def _dedup_bucket(table, *, work: Location, n_files: int, ood_index: int):
             "duplicates": np.bincount(src[plain], minlength=n_files).tolist(),
             "duplicate_residues": np.bincount(src[plain], lengths[plain], minlength=n_files).astype(int).tolist(),
             "overlap": int(overlap.sum())}
+    del table, seq, keep
+    pa.default_memory_pool().release_unused()  # a worker runs many tasks: hand back what this one freed
     return pa.table({"note": pa.array([json.dumps(note).encode()])})
 
 
@@ -331,6 +347,8 @@ def _split_bucket(batch: dict, *, work: Location, out: Location, plan: _Plan, n_
                           "used": np.bincount(src[idx], minlength=n_files).tolist(),
                           "source_residues": np.bincount(src[idx], lengths[idx], minlength=n_files)
                           .astype(int).tolist()})
+    table = seq = part = rows = None  # noqa: F841 (the last bucket's arrays, before handing memory back)
+    pa.default_memory_pool().release_unused()  # a worker runs many tasks: hand back what this one freed
     return {"note": [json.dumps(n).encode() for n in notes] or [b""]}
 
 

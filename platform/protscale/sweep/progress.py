@@ -172,10 +172,11 @@ class SweepMonitor:
     def _refresh(self, final: bool = False) -> None:
         if self.frontier is None:
             with self._lock:
-                for name in self.awaiting:
+                awaiting = list(self.awaiting)
+                for name in awaiting:
                     self.status[name] = c.STATUS_FAILED if name in self.errored else c.STATUS_COMPLETED
                 self.awaiting.clear()
-            return
+            return self._lines(awaiting)
         with self._lock:
             awaiting = list(self.awaiting)
         try:
@@ -267,6 +268,7 @@ class SweepMonitor:
                                (f"{k['failed']} failed", "red" if k["failed"] else ""), "  ",
                                (f"{k['running']} running", "cyan"), f"  {k['pending']} pending  ·  elapsed ",
                                _clock(time.time() - self.start),
+                               "" if not k["pending"] + k["running"] else
                                "  ·  ETA " + (f"~{_clock(eta)}" if eta is not None else "after the first trial"))
         parts = [head, counts]
         with self._lock:
@@ -292,12 +294,13 @@ class SweepMonitor:
             parts.append(Text(f"Ray output: {self.log_path}", style="dim"))
         return Group(*parts)
 
-    def summary(self) -> list[str]:
+    def summary(self, details: bool = True) -> list[str]:
+        """The closing lines (``details``: also the best losses and exponents the live display showed)."""
         k = self.counts()
         lines = [f"[sweep] {self.sweep}: {k['completed']} completed, {k['failed']} failed of {k['planned']} "
                  f"trial(s) in {_clock(time.time() - self.start)}"]
         snap = self.snapshot
-        if snap:
+        if snap and details:
             for obj in sorted({o for o, _ in snap.best}):
                 best = ", ".join(f"{budget_key(b)}: {v[0]:.4f} ({v[2]})" for (o, b), v in sorted(snap.best.items()) if o == obj)
                 lines.append(f"[sweep] best {obj} val_loss by budget: {best}")
@@ -337,10 +340,11 @@ class SweepMonitor:
             self._refresh(final=True)      # the final state of the parent run, before the sweep returns
         finally:
             _ACTIVE = None
-            if self.live is not None:
+            live = self.live is not None
+            if live:
                 self.live.stop()
                 self.live = None
-            for line in self.summary():
+            for line in self.summary(details=not live):
                 print(line, file=self.term, flush=True)
             self._stack.close()
 

@@ -228,14 +228,16 @@ def resources(space: SearchSpace, trial: Trial) -> dict:
     return {"cpu": 1, "gpu": space.gpus_per_trial}
 
 
-def trial_hashes(space: SearchSpace, tracking_uri: str = "") -> dict[str, str]:
-    """{trial name: trial_hash} of every trial of the space (``TrialConfig.identity_hash``): a transfer
-    trial's includes its CLM parent's. Needs the space's prepared data (its manifest)."""
+def trial_hashes(space: SearchSpace, tracking_uri: str = "", trials: list[Trial] | None = None,
+                 known: dict[str, str] | None = None) -> dict[str, str]:
+    """{trial name: trial_hash} of every trial of the space (its adaptive candidates included), or of
+    ``trials`` only (``known``: hashes of their possible parents) (``TrialConfig.identity_hash``): a
+    transfer trial's includes its CLM parent's. Needs the space's prepared data (its manifest)."""
     from ..data.shards import read_manifest
     from .tune import trial_config
 
     manifest = read_manifest(space.data)
-    out: dict[str, str] = {}
-    for t in sorted(all_trials(space), key=lambda t: bool(t.parent)):      # parents first
+    out: dict[str, str] = dict(known or {})
+    for t in sorted(all_trials(space) if trials is None else trials, key=lambda t: bool(t.parent)):  # parents first
         out[t.name] = trial_config(space, t, tracking_uri).identity_hash(manifest, out.get(t.parent, ""))
     return out

@@ -111,6 +111,9 @@ def _run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool
     monitor.plan(space.trials, done)                 # adaptive waves add theirs as they come
     statuses = {}
     for name, trials in _waves(space, tracking_uri, hashes):
+        if any(t.name not in hashes for t in trials):      # an adaptive wave's new trials: their identity too
+            hashes.update(trial_hashes(space, tracking_uri, trials, hashes))
+            done = _finished_trials(tracking_uri, space.name, hashes)
         todo = [t for t in trials if t.name not in done]
         monitor.plan(trials, done)
         statuses.update({t.name: c.STATUS_COMPLETED for t in trials if t.name in done})

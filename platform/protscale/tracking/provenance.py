@@ -41,9 +41,14 @@ COLUMNS = [f"params.`{k}`" for k in (c.OBJECTIVE, c.SIZE, c.N_PARAMS_NON_EMBEDDI
 
 
 def trials_view() -> dict:
-    """The runs-table state the UI loads from the shared-view tag (its own field names)."""
+    """The runs-table state the UI loads from the shared-view tag (its own field names; columns are AG
+    Grid column ids). The scaling columns come first, right after the run name, so they are on screen
+    without scrolling sideways."""
+    order = ["attributes.`Run Name`", *COLUMNS, "runDateAndNestInfo", "duration"]
     return {"searchFilter": f"tags.{c.KIND} = 'trial'", "orderByKey": f"metrics.`{c.VAL_LOSS}`",
-            "orderByAsc": True, "selectedColumns": COLUMNS, "runsHiddenMode": "SHOW_ALL"}
+            "orderByAsc": True, "selectedColumns": COLUMNS, "columnOrder": order,
+            "columnWidths": {"attributes.`Dataset`": 180, f"params.`{c.N_PARAMS_NON_EMBEDDING}`": 170,
+                             f"params.`{c.BUDGET_FLOPS}`": 120}, "runsHiddenMode": "SHOW_ALL"}
 
 
 def describe_experiment(tracking_uri: str, experiment_id: str, description: str) -> None:

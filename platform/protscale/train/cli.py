@@ -19,7 +19,7 @@ def add_commands(sub) -> None:
         "identity: every setting that changes its result, see `trial_hash`) resumes or reuses its run; "
         "changing any of them trains a new run. Example: protscale train --objective clm "
         "--size tiny-3 --budget-flops 1e12 --data .demo/data",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_DefaultsShown)
     trial = p.add_argument_group("trial (TrialConfig fields)")
     add_config_flags(trial)
     where = p.add_argument_group("where it runs")
@@ -31,8 +31,20 @@ def add_commands(sub) -> None:
     p.set_defaults(func=run)
 
 
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only where there is one worth reading (not None, "", False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, "", False) or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _flag(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+_METAVARS = {"int": "N", "float": "X", "str": "TEXT"}
 
 
 def add_config_flags(parser) -> None:
@@ -59,8 +71,8 @@ def add_config_flags(parser) -> None:
                 kw["default"] = default
             if meta.get("choices"):
                 kw["choices"] = meta["choices"]
-            if meta.get("metavar"):
-                kw["metavar"] = meta["metavar"]
+            if meta.get("metavar") or not meta.get("choices"):
+                kw["metavar"] = meta.get("metavar") or _METAVARS.get(typ, "VALUE")
         parser.add_argument(_flag(f), **kw)
 
 

@@ -32,26 +32,29 @@ def _f(default=dataclasses.MISSING, *, help: str, identity: bool = False, cli: b
 @dataclass
 class TrialConfig:
     objective: str = _f(help="training objective: causal (clm) or masked (mlm) language modelling",
-                        identity=True, choices=("clm", "mlm"))
-    size: str = _f(help="model size name (tiny-1..tiny-5, 3M..10B, esm2-650M)", identity=True)
+                        identity=True, choices=("clm", "mlm"), metavar="{clm,mlm}")
+    size: str = _f(help="model size name (tiny-1..tiny-5, 3M..10B, esm2-650M)", identity=True, metavar="SIZE")
     budget_flops: float = _f(help="compute budget C in FLOPs; the trial trains D = C / (6·N) tokens",
                              identity=True, metavar="C")
     data: str = _f(help="prepared dataset: a directory or a URI such as s3://bucket/ds (protscale data "
-                   "prepare); its manifest hash and sequence length are part of the trial's identity")
+                   "prepare); its manifest hash and sequence length are part of the trial's identity",
+                   metavar="DIR|URI")
     tracking_uri: str = _f(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)",
                            cli_default=None, metavar="URI")
-    experiment: str = _f(help="MLflow experiment", cli_default="protscale")
+    experiment: str = _f(help="MLflow experiment", cli_default="protscale", metavar="NAME")
     name: str = _f("", help="trial name: MLflow run name and Ray Train run name (default: "
-                   "objective-size-budget-seed, plus the LR and batch when given)")
+                   "objective-size-budget-seed, plus the LR and batch when given)", metavar="NAME")
     run_id: str = _f("", help="MLflow run, created by the driver before training", cli=False)
     seed: int = _f(0, help="seed of the model initialisation, data order and masks", identity=True)
     batch_tokens: int = _f(0, help="tokens per optimizer step (0: the paper's rule by size)", identity=True)
-    lr_max: float = _f(0.0, help="peak learning rate (0: the paper's rule by size)", identity=True)
-    eval_every: int = _f(0, help="steps between evaluations and checkpoints (0: about 5 per trial)")
-    eval_rows: int = _f(64, help="rows of each of val/test evaluated (all of them if fewer)", identity=True)
+    lr_max: float = _f(0.0, help="peak learning rate (0: the paper's rule by size)", identity=True, metavar="LR")
+    eval_every: int = _f(0, help="steps between evaluations and checkpoints (0: about 5 per trial)",
+                         metavar="STEPS")
+    eval_rows: int = _f(64, help="rows of each of val/test evaluated (all of them if fewer)", identity=True,
+                        metavar="ROWS")
     # Memory plan (train/plan.py). Auto fields: the planner's choice on GPUs; on CPUs the whole
     # per-worker batch in one forward, no checkpointing, ZeRO 0. Same result, other memory and speed.
-    micro_batch_rows: int = _f(0, help="rows per forward pass per worker (0: the memory plan's)")
+    micro_batch_rows: int = _f(0, help="rows per forward pass per worker (0: the memory plan's)", metavar="ROWS")
     activation_checkpointing: bool | None = _f(
         None, help="recompute each block in backward (default: the memory plan's)")
     zero_stage: int | str = _f("auto", help="DeepSpeed ZeRO stage (auto: the memory plan's on GPUs, 0 on CPUs)",
@@ -68,7 +71,8 @@ class TrialConfig:
                         "weights (the parent's identity becomes part of this trial's)", metavar="RUN_ID",
                         identity=True)
     init_budget_flops: float = _f(0.0, help="the parent's compute budget (D_F = C_F / 6N)", cli=False)
-    peak_flops: float = _f(0.0, help="peak FLOP/s of one device, for MFU (0: the known GPU table, none on CPU)")
+    peak_flops: float = _f(0.0, help="peak FLOP/s of one device, for MFU (0: the known GPU table, none on CPU)",
+                           metavar="FLOP/S")
     fail_at_step: int = _f(0, help="fault injection: the worker dies once at this step (tests)", cli=False)
     fail_marker: str = _f("", help="file whose existence means the fault was already injected", cli=False)
     trial_hash: str = _f("", help="identity hash, filled in by the driver (``identity_hash``)", cli=False)

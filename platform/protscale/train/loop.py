@@ -129,6 +129,8 @@ def _train(cfg, session, engine, plan, prefetch, evals, state, logger, rank, wor
             _progress(cfg, step, plan.steps, train_losses[-1], eval_losses, state["tokens"], tokens_per_s)
         final = step == plan.steps or diverged
         path = checkpoint.save(engine, dict(state), rank, final=final)
+        if final and logger and not diverged:
+            log_final_model(cfg, path)
         # To Tune (directly in local mode, through ``TuneReportCallback`` from a worker group), which ranks
         # trials by val_loss: NaN when the data has no validation split.
         report = {"step": step, "tokens": state["tokens"], c.TRAIN_LOSS: train_losses[-1], c.VAL_LOSS: float("nan"),
@@ -141,6 +143,22 @@ def _train(cfg, session, engine, plan, prefetch, evals, state, logger, rank, wor
             break
         interval_start, interval_tokens = time.perf_counter(), state["tokens"]
         step_losses, step_counts, step_lrs = [], [], []
+
+
+def log_final_model(cfg: TrialConfig, checkpoint_dir: str) -> None:
+    """The final weights (consolidated in the final checkpoint) as the MLflow model of the trial's run,
+    once: a worker group restarted after logging it does not log a second one."""
+    from ..model import registry
+    from ..model.transformer import ModelConfig, ProteinLM
+    from ..tracking.runs import client
+
+    run = client(cfg.tracking_uri).get_run(cfg.run_id)
+    if run.outputs and run.outputs.model_outputs:
+        return
+    model = ProteinLM(ModelConfig.from_size(cfg.model_size, cfg.objective))
+    model.load_state_dict(torch.load(os.path.join(checkpoint_dir, checkpoint.WEIGHTS), map_location="cpu",
+                                     weights_only=True))
+    registry.log_model(cfg.tracking_uri, cfg.run_id, model)
 
 
 def train_step(engine, micro_batches, accumulation: int, world: int):

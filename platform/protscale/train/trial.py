@@ -42,8 +42,15 @@ def connect_ray(address: str | None = None) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=None if address else True,
-                 logging_level="WARNING", log_to_driver=True)
+        try:
+            ray.init(address=address, include_dashboard=None if address else True,
+                     logging_level="WARNING", log_to_driver=True)
+        except Exception as exc:    # no Ray to run on: one line, not Ray's traceback
+            from ..cli import UserError
+
+            raise UserError(f"Ray {'at ' + address if address else '(local)'} did not start or answer: "
+                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; run again (a loaded "
+                            "machine can miss Ray's start-up timeout) or give --ray-address") from None
 
 
 def default_name(cfg: TrialConfig) -> str:
@@ -152,27 +159,6 @@ def finish(cfg: TrialConfig, result, wall_s: float) -> TrialResult:
         status = c.STATUS_DIVERGED
     else:
         status = c.STATUS_COMPLETED
-    if status == c.STATUS_COMPLETED and result.checkpoint and not (run.outputs and run.outputs.model_outputs):
-        try:
-            log_final_model(cfg, result.checkpoint)
-        except Exception:
-            runs.finish_run(cfg.tracking_uri, cfg.run_id, c.STATUS_FAILED)
-            raise
     runs.finish_run(cfg.tracking_uri, cfg.run_id, status)
     ckpt = result.checkpoint.path if result.checkpoint else None
     return TrialResult(cfg.run_id, status, dict(run.data.metrics), ckpt, wall_s)
-
-
-def log_final_model(cfg: TrialConfig, final_checkpoint) -> str:
-    """The trial's final weights (consolidated in its last checkpoint) as the MLflow model of its run."""
-    import torch
-
-    from ..model import registry
-    from ..model.transformer import ModelConfig, ProteinLM
-    from .checkpoint import WEIGHTS
-
-    with final_checkpoint.as_directory() as d:
-        weights = torch.load(Path(d) / WEIGHTS, map_location="cpu", weights_only=True)
-    model = ProteinLM(ModelConfig.from_size(cfg.model_size, cfg.objective))
-    model.load_state_dict(weights)
-    return registry.log_model(cfg.tracking_uri, cfg.run_id, model)
