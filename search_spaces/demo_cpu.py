@@ -19,6 +19,13 @@ Chosen from measurements (plain-PyTorch probes of the same model, batches and re
   at 3e10: 768: 2.701 (3 epochs), 3,072: 2.689.
 * CLM at 1e10, batch 512: N = 3,072: 2.885, 6,912: 2.890, 13,824: 2.894 — on the unigram plateau
   (~2.89 nats): CLM needs far more tokens than these budgets buy, so the demo fits no CLM frontier.
+* The demo itself (real trials, batch 512, ``eval_rows`` 512), val_loss by N: 1e10: 768: 2.714,
+  1,728: 2.700, 3,072: 2.702, 6,912: 2.726, 24,576: 2.895; 3e10: 1,728: 2.677, 3,072: 2.678, 6,912: 2.697,
+  55,296: 2.889; 1e11: 6,912: 2.672, 13,824: 2.693, 24,576: 2.698, 147k: 2.879. The bottom of each
+  profile is flat within ~0.02 nats over a factor 2-4 in N, about the run-to-run spread: the N_opt
+  exponent comes out with a wide interval, and at 1e11 the best size is the smallest the data allows.
+  The micro-3 CLM at 1e10 ends at 2.877 (unigram 2.891), and the MLM started from it ends at 2.746 against
+  2.702 from scratch: a CLM still on the plateau has nothing to transfer at this budget.
 * Evaluation: 64 rows (~1.2k masked tokens, the old setting) differ from all 864 rows by up to 0.016
   nats; ``eval_rows`` 512 (~9.6k masked tokens) gives a standard error of ~0.004 nats, well below the
   run-to-run spread (~0.02-0.04) and the differences fitted (0.05-0.2 across a budget).

@@ -123,3 +123,6 @@ def test_writer_survives_a_killed_server_and_a_lost_answer(server, monkeypatch):
         assert sorted(steps) == sorted({s for k, s in expected if k == key}), key     # none lost
         assert len(steps) == len(set(steps)), f"{key}: a step logged twice"             # none duplicated
         assert all(m.value == pytest.approx(expected[(key, m.step)]) for m in history)
+    print(f"writer: {len(expected)} points, server killed after step {killed_at} and restarted, 1 answer "
+          f"dropped; {logger.retries} batch(es) re-sent, {logger.skipped_on_retry} point(s) found already "
+          "landed and not re-sent; lost 0, duplicated 0")

@@ -285,8 +285,13 @@ class ProteinLM(nn.Module):
 
     def load_transfer(self, state: dict) -> None:
         """CLM→MLM transfer: take every weight of a trained CLM (embedding, blocks, final norm); an MLM's
-        own output head keeps its initialisation. Any other mismatch is an error."""
+        own output head starts with an identity dense layer, so that it passes the CLM's final features on
+        (through GELU and a LayerNorm) instead of scrambling them. Any other mismatch is an error."""
         missing, unexpected = self.load_state_dict(state, strict=False)
+        if self.mlm_head is not None and any(k.startswith("mlm_head.") for k in missing):
+            with torch.no_grad():   # start the new head near the CLM's own output path (identity dense)
+                self.mlm_head.dense.weight.copy_(torch.eye(self.cfg.d_model))
+                self.mlm_head.dense.bias.zero_()
         missing = [k for k in missing if not k.startswith("mlm_head.")]
         if missing or unexpected:
             raise ValueError(f"transfer weights do not fit this model: missing {missing}, unexpected {unexpected}")

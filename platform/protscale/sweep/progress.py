@@ -138,6 +138,7 @@ class SweepMonitor:
             self.running.add(name)
             self.status.pop(name, None)
             self.earlier.discard(name)
+            self.errored.discard(name)          # restarted (a retry, or a resumed sweep)
             self.first_start = self.first_start or time.time()
 
     def finished(self, name: str, errored: bool = False) -> None:

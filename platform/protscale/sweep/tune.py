@@ -181,6 +181,11 @@ def _waves(space: SearchSpace, tracking_uri: str, hashes: dict[str, str]):
             attempted |= {t.name for t in trials}
             index += 1
             yield adaptive.wave_name(index, trials), trials
+        # a resumed sweep: trials an earlier run's waves trained count too (reported, never retrained)
+        finished = _finished_trials(tracking_uri, space.name, hashes)
+        earlier = [t for t in space.adaptive.grid() if t.name in finished and t.name not in attempted]
+        if earlier:
+            yield "adaptive-earlier", earlier
     yield "wave1", [t for t in space.trials if t.parent]
 
 

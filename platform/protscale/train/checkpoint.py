@@ -6,7 +6,7 @@ Layout of one checkpoint directory (Ray merges the ranks' folders into one):
     trial_state.json      step, cumulative tokens, and the layout it was written with: world size,
                           ZeRO stage, bf16
     weights.pt            consolidated model weights (final checkpoint only): logged as the run's
-                          MLflow model when the trial finishes (``trial.log_final_model``)
+                          MLflow model by rank 0 (``loop.log_final_model``)
 
 Elastic resume. What a checkpoint holds depends on the layout it was written with:
 
