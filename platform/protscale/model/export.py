@@ -21,7 +21,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 
 from ..data.tokenizer import CLS, EOS, MASK, PAD, TOKENS, UNK
 
