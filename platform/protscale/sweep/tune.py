@@ -61,16 +61,7 @@ def run_one(config: dict) -> None:
 def _parent_run(cfg: TrialConfig, parent: str, parent_hash: str | None) -> str | None:
     """The completed run of CLM trial ``parent`` (of identity ``parent_hash`` when known, else its
     latest completed run)."""
-    cl = runs.client(cfg.tracking_uri)
-    exp = cl.get_experiment_by_name(cfg.experiment)
-    if exp is None:
-        return None
-    where = f"tags.{c.TRIAL} = '{parent}' and tags.{c.STATUS} = '{c.STATUS_COMPLETED}'"
-    if parent_hash:
-        where += f" and params.{c.TRIAL_HASH} = '{parent_hash}'"
-    found = cl.search_runs([exp.experiment_id], filter_string=where, max_results=1,
-                           order_by=["attributes.start_time DESC"])
-    return found[0].info.run_id if found else None
+    return runs.find_run(cfg.tracking_uri, cfg.experiment, parent, parent_hash, status=c.STATUS_COMPLETED)
 
 
 def run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool = False,

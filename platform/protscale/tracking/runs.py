@@ -43,10 +43,11 @@ def experiment_id(tracking_uri: str, name: str) -> str:
         return exp.experiment_id
 
 
-def find_run(tracking_uri: str, experiment: str, trial: str, trial_hash: str | None = None) -> str | None:
+def find_run(tracking_uri: str, experiment: str, trial: str, trial_hash: str | None = None,
+             status: str | None = None) -> str | None:
     """The run id of trial ``trial`` in ``experiment``, if one exists (used to resume, never to duplicate).
     With ``trial_hash``, only a run of that identity (param ``trial_hash``) counts; without, the latest
-    run of that name."""
+    run of that name. With ``status``, only runs whose status tag is that one."""
     cl = client(tracking_uri)
     exp = cl.get_experiment_by_name(experiment)
     if exp is None:
@@ -54,6 +55,8 @@ def find_run(tracking_uri: str, experiment: str, trial: str, trial_hash: str | N
     where = f"tags.{c.TRIAL} = {_quote(trial)}"
     if trial_hash:
         where += f" and params.{c.TRIAL_HASH} = {_quote(trial_hash)}"
+    if status:
+        where += f" and tags.{c.STATUS} = {_quote(status)}"
     runs = cl.search_runs([exp.experiment_id], filter_string=where, max_results=1,
                           order_by=["attributes.start_time DESC"])
     return runs[0].info.run_id if runs else None
