@@ -11,6 +11,7 @@ Transfer trials (an MLM initialised from a CLM trial) run in a second wave, afte
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +21,6 @@ from ..tracking import provenance, runs
 from ..train.config import TrialConfig
 from .space import SearchSpace, Trial, gpu_memory_gb, resources, trial_hashes, workers
 
-TUNE_CHECKPOINTS = 1        # checkpoints Tune keeps per trial (Train's own: ``train.trial.CHECKPOINTS``)
 
 
 def trial_config(space: SearchSpace, trial: Trial, tracking_uri: str) -> TrialConfig:
@@ -71,13 +71,9 @@ def run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool 
     The console shows one live display of the sweep (``progress.SweepMonitor``), and the parent MLflow run
     gets the live frontier after each finished trial (``frontier.LiveFrontier``). Ray's own output goes to
     ``log_file`` (default ``<storage>/<sweep>/sweep.log``), or stays on the console with ``verbose``."""
-    import os
 
     from .progress import SweepMonitor, default_log_path
 
-    # With bounded checkpoints Tune snapshots its experiment state whenever a trial has replaced its
-    # kept checkpoint (so a restore never points at a deleted one), and warns about it; expected here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     log = log_file or default_log_path(_join(storage), space.name)
     with SweepMonitor(space.name, log, verbose) as monitor:
         return _run_sweep(space, tracking_uri, storage, resume, max_failures, monitor)
@@ -136,13 +132,14 @@ def _run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool
                 # trial process fails in the next trial's deepspeed.initialize ("group not registered").
                 tune_config=tune.TuneConfig(metric=c.VAL_LOSS, mode="min",
                                             max_concurrent_trials=space.max_concurrent or None),
-                # Checkpoints are for resuming a trial only (its final weights are in MLflow): the latest.
+                # Checkpoints are for resuming a trial only (its final weights are in MLflow): a finished
+                # wave keeps each trial's latest (_prune_checkpoints).
                 run_config=tune.RunConfig(name=name, storage_path=_join(storage, space.name), verbose=1,
                                           failure_config=tune.FailureConfig(max_failures=max_failures),
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=TUNE_CHECKPOINTS),
                                           callbacks=[TuneEvents()]))
         with monitor.tuning():          # Tune's tables go to the sweep's log (unless --verbose)
             tuner.fit()
+        _prune_checkpoints(path)
         done = _finished_trials(tracking_uri, space.name, hashes)
         statuses.update({t.name: done.get(t.name, c.STATUS_FAILED) for t in trials})
     ok = all(s == c.STATUS_COMPLETED for s in statuses.values())
@@ -178,6 +175,19 @@ def _waves(space: SearchSpace, tracking_uri: str, hashes: dict[str, str]):
         if earlier:
             yield "adaptive-earlier", earlier
     yield "wave1", [t for t in space.trials if t.parent]
+
+
+def _prune_checkpoints(wave_path: str) -> None:
+    """Keep only the latest Tune checkpoint of each trial of a finished wave. Not Tune's
+    ``CheckpointConfig(num_to_keep=...)``: Tune deletes a trial's older checkpoint before its experiment
+    snapshot names the newer one, so a driver killed in between leaves a sweep that ``--resume`` cannot
+    restore (seen in tests/test_sweep.py's killed-sweep test). A finished wave is never resumed mid-trial.
+    Local storage only; on object storage the wave keeps every checkpoint."""
+    if "://" in wave_path:
+        return
+    for trial_dir in Path(wave_path).glob("protscale_trial_*"):
+        for old in sorted(trial_dir.glob("checkpoint_*"))[:-1]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _join(storage: str, *parts: str) -> str:
