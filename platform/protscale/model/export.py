@@ -57,9 +57,7 @@ def _esm(model, max_positions: int):
             out[e + f"attention.self.{name}.bias"] = qkv_b[j * d:(j + 1) * d]
         pairs = {"attention.LayerNorm": "norm1", "attention.output.dense": "attn.out", "LayerNorm": "norm2",
                  "intermediate.dense": "fc", "output.dense": "proj"}
-        for theirs, ours in pairs.items():
-            for p in ("weight", "bias"):
-                out[f"{e}{theirs}.{p}"] = s[f"{b}{ours}.{p}"]
+        out.update(_renamed(s, b, e, pairs))
     for p in ("weight", "bias"):
         out[f"esm.encoder.emb_layer_norm_after.{p}"] = s[f"norm.{p}"]
         out[f"lm_head.dense.{p}"] = s[f"mlm_head.dense.{p}"]
@@ -96,13 +94,17 @@ def _gpt_neox(model, max_positions: int):
             s[b + "attn.qkv.bias"].view(3, h, d // h).transpose(0, 1).reshape(3 * d))
         pairs = {"input_layernorm": "norm1", "attention.dense": "attn.out", "post_attention_layernorm": "norm2",
                  "mlp.dense_h_to_4h": "fc", "mlp.dense_4h_to_h": "proj"}
-        for theirs, ours in pairs.items():
-            for p in ("weight", "bias"):
-                out[f"{g}{theirs}.{p}"] = s[f"{b}{ours}.{p}"]
+        out.update(_renamed(s, b, g, pairs))
     for p in ("weight", "bias"):
         out[f"gpt_neox.final_layer_norm.{p}"] = s[f"norm.{p}"]
     _load(hf, out, allowed_missing=("lm_head.weight",))
     return hf
+
+
+def _renamed(state: dict, ours_prefix: str, theirs_prefix: str, pairs: dict[str, str]) -> dict:
+    """The weight and bias of each protscale module under its transformers name ({theirs: ours})."""
+    return {f"{theirs_prefix}{theirs}.{p}": state[f"{ours_prefix}{ours}.{p}"]
+            for theirs, ours in pairs.items() for p in ("weight", "bias")}
 
 
 def _load(hf, state: dict, allowed_missing: tuple[str, ...]) -> None:
