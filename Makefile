@@ -33,7 +33,7 @@ demo: $(STAMP)
 
 ## The whole test suite (slow end-to-end tests included), as CI runs it.
 test: $(STAMP)
-	$(VENV)/bin/pytest -q -ra --durations=12
+	$(VENV)/bin/pytest -q -ra --durations=12 -n 3 --dist worksteal
 
 ## Everything but the slow end-to-end tests.
 test-fast: $(STAMP)

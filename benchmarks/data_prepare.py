@@ -11,7 +11,8 @@ per process that maps them, so the tree figure is an upper bound). Printed per r
 residues/s, CPU seconds (user + system of every process in the tree, from the start to the end of the
 measured run; the less load-sensitive figure on a shared machine) per million residues and the rate they
 imply on all cores, and peak RSS of the driver and of the tree, plus the tree's PSS (shared pages counted
-once: the honest total). Baseline: ``platform/protscale/data/prepare.py`` at
+once: the honest total) and, at its peak, by process kind (Ray's daemons and agents, Ray Data's actors,
+workers, driver). Baseline: ``platform/protscale/data/prepare.py`` at
 git ``HEAD~N`` that still holds the whole corpus in one process (``--baseline-rev``), loaded from git
 into a temporary module, same inputs, same machine, same run.
 """
@@ -70,14 +71,14 @@ def child(args) -> None:
             from protscale.data.prepare import prepare
 
             t0 = time.perf_counter()
-            for attempt in range(3):  # a loaded 2-core machine can miss Ray's 30 s raylet start-up limit
+            for attempt in range(6):  # a loaded 2-core machine can miss Ray's 30 s raylet start-up limit
                 try:
                     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
                              logging_level="WARNING", object_store_memory=args.object_store_mb * 2**20 or None)
                     break
                 except Exception:
                     ray.shutdown()
-                    if attempt == 2:
+                    if attempt == 5:
                         raise
             prepare([OOD], Path(tmp) / "warm", progress=False)  # start the workers, warm their imports
             t_ray = time.perf_counter() - t0
@@ -102,6 +103,22 @@ def _tree(root) -> list:
         return [root]
 
 
+def _kind(p) -> str:
+    """What a process of the tree is, for the PSS breakdown: Ray's daemons by name, workers as one kind."""
+    name = p.name()
+    if name in ("ray::_StatsActor", "ray::_AutoscalingCoordinatorActor"):
+        return "Ray Data's actors"
+    if name in ("ray::DashboardAgent", "ray::RuntimeEnvAgent"):
+        return "Ray agents"
+    if name.startswith("ray::"):
+        return "ray workers"
+    cmd = " ".join(p.cmdline()[:3])
+    for k in ("gcs_server", "raylet", "dashboard", "log_monitor", "runtime_env", "monitor.py"):
+        if k in name or k in cmd:
+            return k
+    return "ray workers" if "default_worker" in cmd else name
+
+
 def measure(impl: str, files: list[str], args) -> dict:
     """Run one child; sample its process tree every 0.2 s between its MARK start and MARK end lines."""
     import psutil
@@ -110,13 +127,13 @@ def measure(impl: str, files: list[str], args) -> dict:
            str(args.seq_len), "--baseline-rev", args.baseline_rev, "--object-store-mb", str(args.object_store_mb)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
     root = psutil.Process(proc.pid)
-    peak = {"driver": 0, "tree": 0, "tree_pss": 0}
+    peak = {"driver": 0, "tree": 0, "tree_pss": 0, "by_kind": {}}
     cpu0: dict[int, float] = {}  # user+sys per process when the measured run started
     cpu: dict[int, float] = {}  # ... at the latest sample
     started, done, lock = threading.Event(), threading.Event(), threading.Lock()
 
     def snapshot(into: dict[int, float] | None = None) -> None:
-        rss, pss = {}, {}
+        rss, pss, kinds = {}, {}, {}
         for p in _tree(root):
             try:
                 with p.oneshot():
@@ -125,12 +142,20 @@ def measure(impl: str, files: list[str], args) -> dict:
                     if into is None:
                         mem = p.memory_full_info()
                         rss[p.pid], pss[p.pid] = mem.rss, mem.pss
+                        kinds[p.pid] = "driver" if p.pid == root.pid else _kind(p)
             except psutil.Error:
                 pass
         if into is None:
             peak["driver"] = max(peak["driver"], rss.get(root.pid, 0))
             peak["tree"] = max(peak["tree"], sum(rss.values()))
-            peak["tree_pss"] = max(peak["tree_pss"], sum(pss.values()))
+            if sum(pss.values()) > peak["tree_pss"]:
+                peak["tree_pss"] = sum(pss.values())
+                by_kind: dict[str, float] = {}
+                n_workers = sum(k == "ray workers" for k in kinds.values())
+                for pid, k in kinds.items():
+                    k = f"{n_workers} ray workers" if k == "ray workers" else k
+                    by_kind[k] = by_kind.get(k, 0) + pss[pid]
+                peak["by_kind"] = by_kind
 
     def sample() -> None:
         while not done.is_set():
@@ -161,6 +186,7 @@ def measure(impl: str, files: list[str], args) -> dict:
     result["peak_driver_gb"] = peak["driver"] / 1e9
     result["peak_tree_gb"] = peak["tree"] / 1e9
     result["peak_tree_pss_gb"] = peak["tree_pss"] / 1e9
+    result["pss_by_kind_mb"] = {k: round(v / 1e6) for k, v in sorted(peak["by_kind"].items(), key=lambda kv: -kv[1])}
     result["cpu_s"] = sum(c - cpu0.get(pid, 0.0) for pid, c in cpu.items())
     return result
 
@@ -194,6 +220,7 @@ def main() -> int:
                   f"= {cpu_per_m:.3f} CPU-s per M residues, {os.cpu_count() / cpu_per_m:.1f}M residues/s on "
                   f"{os.cpu_count()} fully used cores; peak RSS driver {r['peak_driver_gb']:.2f} GB, process tree "
                   f"{r['peak_tree_gb']:.2f} GB (PSS {r['peak_tree_pss_gb']:.2f} GB)"
+                  + "; PSS at its peak (MB): " + ", ".join(f"{k} {v}" for k, v in r["pss_by_kind_mb"].items())
                   + (f"; Ray start + warm-up {r['ray_start_s']:.1f} s; stages (s) "
                      + ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items()) if impl == "ray" else ""),
                   flush=True)

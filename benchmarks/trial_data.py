@@ -51,8 +51,13 @@ def _old_load(root: str):
     files = sorted((Path(root) / "train").glob("part-*.parquet"))
     table = pa.concat_tables([pq.read_table(f) for f in files])
     tok = table.column("tokens").combine_chunks()
-    seq_len = len(tok[0])
-    tokens = tok.values.to_numpy(zero_copy_only=False).reshape(-1, seq_len).astype(np.uint8, copy=False)
+    if pa.types.is_fixed_size_binary(tok.type):                 # format 3
+        seq_len = tok.type.byte_width
+        tokens = np.frombuffer(tok.buffers()[1], dtype=np.uint8, count=len(tok) * seq_len,
+                               offset=tok.offset * seq_len).reshape(-1, seq_len)
+    else:
+        seq_len = len(tok[0])
+        tokens = tok.values.to_numpy(zero_copy_only=False).reshape(-1, seq_len).astype(np.uint8, copy=False)
     seq_lens = [np.asarray(x, dtype=np.int32) for x in table.column("seq_lens").to_pylist()]
     doc = np.empty((len(seq_lens), seq_len), dtype=np.int64)
     pos = np.empty_like(doc)

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+# Each test process (each pytest-xdist worker: `make test` runs 3) gets its own temporary directory, so
+# its local Ray (sockets, session files, and `ray_current_cluster`, which a bare `ray.init()` joins) and
+# the Ray of every subprocess it starts never meet another process's, nor a cluster a developer started.
+# (Short names: Ray's socket paths under it must stay within the 107 characters of a Unix socket.)
+
+_tmp = Path(os.environ.setdefault("PS_TEST_TMPBASE", tempfile.gettempdir())) / f"ps{os.getpid()}"
+_tmp.mkdir(exist_ok=True)
+os.environ["TMPDIR"] = str(_tmp)
+tempfile.tempdir = None
 
 
 @pytest.fixture(scope="session")
@@ -17,14 +28,14 @@ def ray_local():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    for attempt in (1, 2):      # Ray gives its raylet 30 s to start: a loaded 2-core machine can miss it
+    for attempt in (1, 2, 3):   # Ray gives its raylet 30 s to start: a loaded 2-core machine can miss it
         if ray.is_initialized():
             break
         try:
-            ray.init(num_cpus=4, include_dashboard=True, logging_level="WARNING")
+            ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="WARNING")
         except Exception:
             ray.shutdown()
-            if attempt == 2:
+            if attempt == 3:
                 raise
     yield ray
     ray.shutdown()
@@ -40,3 +51,13 @@ def demo_data(tmp_path_factory, ray_local) -> Path:
     out = tmp_path_factory.mktemp("data") / "bundled-128"
     prepare([MAIN], out, ood=OOD, seq_len=128, val_fraction=0.05, progress=False)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """``soak`` tests (hours of faults) run only when asked for: ``pytest -m soak``."""
+    if "soak" in (config.getoption("markexpr") or ""):
+        return
+    soak = [item for item in items if item.get_closest_marker("soak")]
+    if soak:
+        config.hook.pytest_deselected(items=soak)
+        items[:] = [item for item in items if not item.get_closest_marker("soak")]

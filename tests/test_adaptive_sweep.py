@@ -195,14 +195,11 @@ def test_demo_reports_adaptive_trials_and_compute_against_the_full_grid():
 
 
 def test_budgets_whose_best_is_an_edge_candidate_get_the_neighbour_inside():
-    """Recorded first pass of the demo (val_loss of the real trials): at 3e10 and 1e11 the best run is the
-    smallest size the data allows (no smaller candidate), so the wave refines next to it instead."""
-    from pathlib import Path
-
-    from protscale.sweep.space import load
-
-    space = load(Path(__file__).resolve().parents[1] / "search_spaces" / "demo_cpu.py")
-    a = space.adaptive
+    """Recorded first pass of an earlier demo design (val_loss of the real trials): at 3e10 and 1e11 the best
+    run is the smallest size the data allows (no smaller candidate), so the wave refines next to it instead."""
+    a = Adaptive(budgets=[1e10, 3e10, 1e11], objectives=["mlm"], min_tokens=60_000, max_tokens=3_000_000,
+                 sizes=["micro-1", "micro-2", "micro-3", "micro-4", "micro-5", "tiny-1", "tiny-2", "tiny-3"],
+                 max_trials=13, target_width=0.15)
 
     def n(s):
         return float(get_size(s).n_params_non_embedding)
@@ -210,7 +207,7 @@ def test_budgets_whose_best_is_an_edge_candidate_get_the_neighbour_inside():
     pts = {"mlm": [(1e10, n("micro-1"), 2.7142), (1e10, n("micro-3"), 2.7021), (1e10, n("tiny-1"), 2.8949),
                    (3e10, n("micro-2"), 2.6771), (3e10, n("micro-4"), 2.6967), (3e10, n("tiny-2"), 2.8891),
                    (1e11, n("micro-4"), 2.6717), (1e11, n("tiny-1"), 2.6979), (1e11, n("tiny-3"), 2.8969)]}
-    (w,) = next_wave(a, pts, {t.name for t in space.trials})
+    (w,) = next_wave(a, pts, {t.name for t in a.first_pass()})
     names = {t.name for t in w.trials}
     assert {"mlm-micro-3-3e10-s0", "mlm-micro-5-1e11-s0"} <= names
     assert len(w.trials) <= a.limit() - 9 and not w.done

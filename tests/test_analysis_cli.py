@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import time
 
@@ -40,9 +42,11 @@ def _log_store(db, experiment: str, runs: pd.DataFrame, curves: pd.DataFrame, ar
         for s, tok, fl, lo in zip(g["step"], g["tokens"], g["flops"], g["loss"]):
             metrics += [Metric(c.VAL_LOSS, float(lo), now, int(s)), Metric(c.TOKENS, float(tok), now, int(s)),
                         Metric(c.FLOPS, float(fl), now, int(s))]
-        client.log_batch(rid, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()],
-                         tags=[RunTag(c.STATUS, r.status), RunTag(c.KIND, "trial"), RunTag(c.SOURCE, "trained"),
-                               RunTag(c.SWEEP, experiment)])
+        tags = [RunTag(c.STATUS, r.status), RunTag(c.KIND, "trial"), RunTag(c.SOURCE, "trained"),
+                RunTag(c.SWEEP, experiment)]
+        if isinstance(getattr(r, "superseded_by", None), str):
+            tags.append(RunTag(c.SUPERSEDED_BY, r.superseded_by))
+        client.log_batch(rid, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()], tags=tags)
         client.set_terminated(rid, "FINISHED")
     return exp
 
@@ -59,8 +63,12 @@ def store(tmp_path_factory):
     bad = clm_r.iloc[[0]].assign(run_id="clm-diverged", run_name="clm-diverged")
     bad_c = clm_c[clm_c["run_id"] == clm_r["run_id"].iloc[0]].assign(run_id="clm-diverged")
     bad_c.loc[bad_c["step"] == 12, "loss"] = float("nan")
-    runs = pd.concat([clm_r, mlm_r, tr_r, bad], ignore_index=True)
-    curves = pd.concat([clm_c, mlm_c, tr_c, bad_c], ignore_index=True)
+    # an older run of a trial whose config changed since (tagged superseded_by): never read by the analyzer
+    old = clm_r.iloc[[1]].assign(run_id="clm-old", run_name="clm-old", superseded_by="another-run")
+    old_c = clm_c[clm_c["run_id"] == clm_r["run_id"].iloc[1]].assign(run_id="clm-old")
+    old_c["loss"] += 0.5
+    runs = pd.concat([clm_r, mlm_r, tr_r, bad, old], ignore_index=True)
+    curves = pd.concat([clm_c, mlm_c, tr_c, bad_c, old_c], ignore_index=True)
     db = tmp / "mlflow.db"
     _log_store(db, "synth", runs, curves, tmp / "artifacts")
     return {"db": db, "tmp": tmp}
@@ -69,9 +77,25 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fitted(store):
     out = store["tmp"] / "fit"
-    rc = main(["fit", "--experiment", "synth", "--tracking-uri", str(store["db"]), "--out", str(out), *FAST])
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        rc = main(["fit", "--experiment", "synth", "--tracking-uri", str(store["db"]), "--out", str(out), *FAST])
     assert rc == 0
+    (out / "stderr.txt").write_text(err.getvalue())
     return out
+
+
+def test_fit_quiet_prints_no_progress(fitted):
+    assert "reading" not in (fitted / "stderr.txt").read_text()
+
+
+def test_superseded_runs_are_not_read(store, fitted):
+    from protscale.analysis.data import load_store
+
+    runs, curves, _ = load_store(f"sqlite:///{store['db']}", ["synth"])
+    assert "clm-old" not in set(runs["run_name"]) and len(runs) > 0
+    assert set(curves["run_id"]) <= set(runs["run_id"])
+    res = json.loads((fitted / "results.json").read_text())
+    assert res["checks"]["n_runs_in"] == len(runs[runs["kind"] == "trial"])
 
 
 def test_fit_writes_all_outputs(fitted):

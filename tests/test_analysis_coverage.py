@@ -40,5 +40,6 @@ def test_transfer_interval_coverage():
         f = transfer.fit_transfer(td.points, n_boot=200, seed=rep)
         hits_a += f["a_ci95"][0] <= 0.2 <= f["a_ci95"][1]
         hits_b += f["b_ci95"][0] <= 0.4 <= f["b_ci95"][1]
-    assert hits_a / REPS >= 0.75, f"a: {hits_a}/{REPS}"
-    assert hits_b / REPS >= 0.75, f"b: {hits_b}/{REPS}"
+    # wild cluster bootstrap widened for 6 runs: ~95% (benchmarks/calibration.py); 34/40 is 3 SD below that
+    assert hits_a / REPS >= 0.85, f"a: {hits_a}/{REPS}"
+    assert hits_b / REPS >= 0.85, f"b: {hits_b}/{REPS}"

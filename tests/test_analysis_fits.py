@@ -10,7 +10,7 @@ from protscale.analysis import envelope, isoflop, parametric, synthetic, transfe
 from protscale.analysis.checks import final_points, run_checks
 from protscale.analysis.pipeline import Config, analyze
 from protscale.analysis.stats import weighted_line
-from protscale.cli import UserError
+from protscale.errors import UserError
 
 FAST = dict(n_boot=200, n_boot_parametric=30, parametric_grid="coarse", progress=False)
 

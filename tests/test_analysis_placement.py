@@ -74,3 +74,16 @@ def test_place_without_points_or_candidates_is_done():
     pts = [(1e18, n, 3.0 - 0.01 * i) for i, n in enumerate([1e6, 2e6, 4e6])]   # best at the largest size
     res = placement.place(pts, [1e6, 2e6, 4e6])
     assert res.done and res.exponent is None and "beyond the candidates" in res.reason
+
+
+def test_best_at_an_edge_the_candidates_cannot_pass_gets_its_inside_neighbour():
+    """The smallest (largest) candidate is best and nothing lies beyond it: placement asks for the untried
+    size between the best and the next size sampled; once that is tried too, the budget is unbracketable."""
+    cands = [1e3, 2e3, 4e3, 8e3, 16e3]
+    low = [(1e10, 1e3, 2.70), (1e10, 4e3, 2.85), (1e10, 16e3, 2.90)]     # no vertex: a concave profile
+    high = [(1e12, 1e3, 2.90), (1e12, 4e3, 2.85), (1e12, 16e3, 2.70)]
+    res = placement.place(low + high, cands)
+    assert res.next_sizes == {1e10: [2e3], 1e12: [8e3]} and not res.done
+    assert "edge of the candidates" in res.reason
+    res = placement.place(low + [(1e10, 2e3, 2.71)], cands)
+    assert res.done and res.next_sizes == {} and "beyond the candidates" in res.reason

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from protscale.analysis import repetition
@@ -12,7 +13,6 @@ def _pair(unique: float, r_star: float, noise: float = 0.0, seed: int = 0) -> di
     # the fresh run follows L(D) = 1.9 + 40/D^0.28; the repeated run reaches L(D′(D)) at D tokens
     rng = np.random.default_rng(seed)
     t = np.geomspace(unique / 20, unique * 12, 120)
-    fresh = 1.9 + 40 / t ** 0.28
     dp = repetition.effective_tokens(t, unique, r_star)
     rep = (1.9 + 40 / dp ** 0.28) * np.exp(noise * rng.standard_normal(t.size))
     return {"rep_tokens": t, "rep_loss": rep, "fresh_tokens": t * 1.5, "fresh_loss": 1.9 + 40 / (t * 1.5) ** 0.28}
@@ -65,3 +65,58 @@ def test_plan_warns_when_the_answer_repeats_the_dataset(tmp_path):
     assert "warning: clm:" in plan.format_plan(big)
     with pytest.raises(Exception, match="not a prepared dataset"):
         plan.plan(res, 1e22, "clm", data=tmp_path / "nope")
+
+
+def _tagged_runs(unique: float, r_star: float, sizes=(1e8, 1e9), seed: int = 0):
+    """Per size, a run on a repeated dataset (tag data=rep) and one on data seen once (data=all, epochs=1),
+    as `protscale import tb-csv` tags the paper's ur50_* / all1ep_* curves."""
+    from protscale.analysis.data import make_runs
+
+    rng = np.random.default_rng(seed)
+    runs, curves = [], []
+    for n in sizes:
+        t = np.geomspace(unique / 20, unique * 12, 120)
+        for kind, d_eff, tags in (("fresh", t, {"data": "all", "epochs": 1.0}),
+                                  ("rep", repetition.effective_tokens(t, unique, r_star), {"data": "rep"})):
+            rid = f"{kind}-{n:.0e}"
+            loss = (1.9 + 100 / n ** 0.35 + 40 / d_eff ** 0.28) * np.exp(0.001 * rng.standard_normal(t.size))
+            runs.append({"run_id": rid, "run_name": rid, "objective": "clm", "n_params": n, "status": "completed",
+                         "kind": "trial", **tags})
+            curves.append(pd.DataFrame({"run_id": rid, "step": np.arange(t.size), "tokens": t, "flops": 6 * n * t,
+                                        "loss": loss}))
+    return make_runs(pd.DataFrame(runs)), pd.concat(curves, ignore_index=True)
+
+
+def test_fit_reads_r_star_from_tagged_runs_and_plan_uses_it(tmp_path):
+    import json
+
+    from protscale.analysis import plan
+    from protscale.analysis.pipeline import Config, analyze
+
+    runs, curves = _tagged_runs(2e9, 4.0)
+    cfg = Config(n_boot=50, n_boot_parametric=20, n_boot_repetition=20, unique_tokens={"rep": 2e9},
+                 parametric_grid="coarse", progress=False)
+    rep = analyze(runs, curves, cfg).results["objectives"]["clm"]["repetition"]
+    assert rep["dataset"] == "rep" and rep["r_star_identified"] and rep["unique_tokens_fixed"]
+    assert rep["r_star"] == pytest.approx(4.0, rel=0.1)
+    lo, hi = rep["r_star_ci95"]
+    assert lo <= rep["r_star"] <= hi
+    assert sorted(rep["pairs"]) == ["rep-1e+08", "rep-1e+09"] and sorted(rep["fresh_pairs"]) == ["fresh-1e+08",
+                                                                                                  "fresh-1e+09"]
+    # plan --data warns with the fitted R* once an answer repeats the dataset's unique tokens
+    (tmp_path / "manifest.json").write_text(json.dumps({"splits": {"train": {"tokens": 2e9}}}))
+    law = {"E": 2.0, "A": 100.0, "B": 1e4, "alpha": 0.35, "beta": 0.4}
+    res = {"objectives": {"clm": {"parametric": {"best": law}, "repetition": rep}}}
+    warned = [w for w in plan.plan(res, 1e23, "clm", data=tmp_path)["warnings"] if w.startswith("clm: ")]
+    assert warned and f"R* = {rep['r_star']:.3g}" in warned[0]
+
+
+def test_r_star_without_unique_tokens_is_not_made_up():
+    # The paper's ur50 runs sit above the mixed-data runs from their first epoch (another distribution), so
+    # without U the fit runs U to ~0 and R* to infinity: R* must be reported as not identified.
+    t = np.geomspace(1e9, 2e11, 40)
+    fresh = 1.9 + 40 / t ** 0.28
+    pair = {"rep_tokens": t, "rep_loss": 1.9 + 40 / (0.5 * t) ** 0.28, "fresh_tokens": t, "fresh_loss": fresh}
+    res = repetition.fit_dataset("ur50", [pair], unique=None, n_boot=10, seed=0)
+    assert res["r_star"] is None and not res["r_star_identified"]
+    assert "--unique-tokens ur50=N" in res["reason"] and res["saturation_tokens"] > 0

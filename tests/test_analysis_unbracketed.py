@@ -16,7 +16,7 @@ from protscale.analysis.pipeline import Config, analyze
 from protscale.analysis.plan import format_plan, plan
 from protscale.analysis.results import validate
 from protscale.analysis.run import write_outputs
-from protscale.cli import UserError
+from protscale.errors import UserError
 
 FAST = dict(n_boot=100, n_boot_parametric=20, parametric_grid="coarse", progress=False)
 

@@ -47,7 +47,7 @@ def _all_rows(root: Path, split: str):
     tokens, lens = [], []
     for f in files:
         t = pq.read_table(f)
-        tokens += t.column("tokens").to_pylist()
+        tokens += [list(x) for x in t.column("tokens").to_pylist()]   # fixed_size_binary rows (format 3)
         lens += t.column("seq_lens").to_pylist()
     return np.asarray(tokens, dtype=np.uint8), [np.asarray(x, dtype=np.int32) for x in lens]
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protscale.cli import UserError, main
+from protscale.cli import main
+from protscale.errors import UserError
 from protscale.data import shards
 from protscale.data.bundled import MAIN, OOD, bundled_path
 from protscale.data.fasta import read_fasta
@@ -421,3 +422,41 @@ def test_buckets_bound_the_work_of_each_task(tmp_path):
     assert [s["file"] for s in train["shards"]] == train["files"] == sorted(train["files"])
     reader = shards.SplitReader(tmp_path / "out", "train")
     assert reader.n_rows == train["rows"] and reader.block_rows <= 1024
+
+
+def test_shuffle_partitions_stay_bounded_up_to_the_paper_corpus():
+    """De-duplication's hash shuffle grows its partitions with the corpus, so one task's share of the
+    records stays bounded from the demo to the paper's 194B tokens, and its pieces (map tasks x partitions,
+    each an object the driver owns) stay within what one Ray driver holds."""
+    from protscale.data import prepare as p
+
+    for residues in (6e5, 2.3e7, 1.9e8, 1.94e11):
+        n_buckets = p._n_buckets(residues, 1024, 8192)
+        parts, map_bytes = p._shuffle_sizes(residues, n_buckets, cpus=2)
+        records = residues * p.RECORD_BYTES_PER_RESIDUE
+        assert 1 <= parts <= n_buckets + 1
+        assert records / parts <= 128 << 20, (residues, parts)       # one de-duplication task's input
+        assert map_bytes <= 1 << 30 and (records / map_bytes) * parts <= 600_000
+
+
+def test_shards_are_fixed_width_token_rows(demo_data, tmp_path):
+    """Format 3 stores each row's tokens as one fixed-size binary value; the reader also reads format 2
+    (list<uint8>) shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(demo_data, tmp_path / "out")
+    m = shards.read_manifest(tmp_path / "out")
+    assert m["format_version"] == 3 and m["seq_len"] == 128
+    f = tmp_path / "out" / m["splits"]["train"]["files"][0]
+    assert pq.read_schema(f).field("tokens").type == pa.binary(128)
+    new = shards.read_split(tmp_path / "out", "train")
+    for name in m["splits"]["train"]["files"]:                 # rewrite as format 2 in place
+        t = pq.read_table(tmp_path / "out" / name)
+        flat = np.frombuffer(t["tokens"].combine_chunks().buffers()[1], np.uint8, count=t.num_rows * 128)
+        tokens = pa.ListArray.from_arrays(pa.array(np.arange(0, (t.num_rows + 1) * 128, 128, dtype=np.int32)),
+                                          pa.array(flat, pa.uint8()))
+        pq.write_table(pa.table({"tokens": tokens, "seq_lens": t["seq_lens"]}), tmp_path / "out" / name)
+    old = shards.read_split(tmp_path / "out", "train")
+    assert np.array_equal(old.tokens, new.tokens)
+    assert all(np.array_equal(a, b) for a, b in zip(old.seq_lens, new.seq_lens))

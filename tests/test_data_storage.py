@@ -9,7 +9,8 @@ import socket
 import numpy as np
 import pytest
 
-from protscale.cli import UserError, main
+from protscale.cli import main
+from protscale.errors import UserError
 from protscale.data import shards
 from protscale.data.bundled import MAIN, OOD
 from protscale.data.prepare import prepare

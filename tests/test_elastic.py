@@ -123,7 +123,7 @@ def _steps(engine, batches, rank, world, steps):
 
 def _save(engine, rank, dest):
     """``checkpoint.save`` by every rank, then the rank folders merged into one, as Ray does."""
-    path = checkpoint.save(engine, {"step": int(engine.global_steps), "tokens": 0}, rank, final=False)
+    path = checkpoint.save(engine, {"step": int(engine.global_steps), "tokens": 0}, rank)
     torch.distributed.barrier()
     for r in range(torch.distributed.get_world_size()):
         if r == rank:

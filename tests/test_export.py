@@ -13,7 +13,7 @@ from protscale.cli import main
 from protscale.data import MAIN
 from protscale.data.fasta import read_fasta
 from protscale.data.tokenizer import encode
-from protscale.model import registry
+from protscale.tracking import models
 from protscale.model.transformer import ModelConfig, ProteinLM
 from protscale.tracking import contract as c
 
@@ -58,7 +58,7 @@ def _logged_run(store, model: ProteinLM | None) -> str:
     run = cl.create_run(experiment, run_name="trial", tags={c.KIND: "trial"})
     cl.log_param(run.info.run_id, c.SEQ_LEN, 128)
     if model is not None:
-        registry.log_model(uri, run.info.run_id, model)
+        models.log_model(uri, run.info.run_id, model)
     cl.set_terminated(run.info.run_id)
     return run.info.run_id
 

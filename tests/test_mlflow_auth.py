@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from protscale.cli import UserError
+from protscale.errors import UserError
 from protscale.tracking.auth import check_tracking_access, mlflow_errors
 from protscale.tracking import contract as c
 from protscale.tracking import runs

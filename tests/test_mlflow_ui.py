@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from protscale.cli import main
-from protscale.model import registry
+from protscale.tracking import models
 from protscale.model.transformer import ModelConfig, ProteinLM
 from protscale.tracking import contract as c
 from protscale.tracking import provenance
@@ -44,7 +44,7 @@ def store(tmp_path_factory):
         cl.log_metric(rid, c.VAL_LOSS, loss, step=10)
         if name not in ("mlm-tiny-1-1e+10", "mlm-tiny-2-3e+10"):     # no model: never chosen
             torch.manual_seed(len(trials))
-            registry.log_model(uri, rid, ProteinLM(ModelConfig(1, 16, 2, causal=objective == "clm")))
+            models.log_model(uri, rid, ProteinLM(ModelConfig(1, 16, 2, causal=objective == "clm")))
         cl.set_terminated(rid)
         trials[name] = rid
     return uri, exp, sweep, trials
@@ -119,9 +119,9 @@ def test_trial_models_load_and_the_compute_optimal_one_registers(store, capsys):
 
     import mlflow.pytorch
 
-    with registry._quiet_mlflow(uri):
+    with models._quiet_mlflow(uri):
         registered = mlflow.pytorch.load_model("models:/ui-mlm/1", map_location="cpu")
-    of_run = registry.load_model(uri, best)
+    of_run = models.load_model(uri, best)
     assert isinstance(registered, ProteinLM) and not registered.cfg.causal
     for (k, a), b in zip(registered.state_dict().items(), of_run.state_dict().values()):
         assert torch.equal(a, b), k

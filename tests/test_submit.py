@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from protscale.cli import UserError, main
+from protscale.cli import main
+from protscale.errors import UserError
 from protscale.cluster import submit as sb
 from servers import free_port, session_pids
 

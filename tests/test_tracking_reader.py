@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from protscale.cli import UserError
+from protscale.errors import UserError
 from protscale.tracking import contract as c
 from protscale.tracking import reader
 from protscale.tracking.reader import UnknownExperimentError, curves, read_experiments

@@ -76,7 +76,7 @@ def test_tiny_trial_learns_and_follows_the_tracking_contract(ray_local, demo_dat
 
     # Where MLflow users look: the final model (loadable; no raw weights file), the dataset input, system metrics.
     from protscale.data.shards import read_manifest
-    from protscale.model.registry import load_model
+    from protscale.tracking.models import load_model
 
     model = load_model(cfg.tracking_uri, result.run_id)
     assert model.cfg.causal == (objective == "clm") and model.count_parameters()[1] == 12 * 3 * 64 ** 2

@@ -9,6 +9,10 @@ import argparse
 import importlib
 import sys
 
+# Defined in the library (``protscale.errors``): under ``python -m protscale.cli`` this module is
+# ``__main__``, and a class defined here would not be the one the library raises.
+from protscale.errors import UserError  # noqa: F401  (re-exported)
+
 # Stage modules, in data-flow order; each has ``add_commands(subparsers)``.
 STAGES = (
     "protscale.data.cli",
@@ -19,10 +23,6 @@ STAGES = (
     "protscale.analysis.cli",
     "protscale.cluster.cli",
 )
-
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line (no traceback), exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # MLflow's usage telemetry sets and unsets an environment variable from its own thread; a thread that
+    # copies os.environ meanwhile (every HTTP request does) dies with KeyError('_MLFLOW_TELEMETRY_SESSION_ID'):
+    # seen killing a sweep driver in tests/test_chaos.py. Off unless the user turns it on.
+    import os
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

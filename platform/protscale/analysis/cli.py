@@ -8,6 +8,17 @@ from __future__ import annotations
 import argparse
 
 
+def _unique(text: str) -> tuple[str, float]:
+    name, sep, val = text.partition("=")
+    try:
+        tokens = float(val)
+    except ValueError:
+        tokens = float("nan")
+    if not (sep and name and tokens > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=TOKENS with TOKENS > 0, e.g. ur50=15.2e9")
+    return name, tokens
+
+
 def _floats(text: str) -> list[float]:
     try:
         vals = [float(v) for v in text.replace(" ", "").split(",")]
@@ -56,6 +67,10 @@ def add_commands(sub) -> None:
     fit.add_argument("--unigram-baseline", type=float, metavar="NATS",
                      help="loss of predicting residues from their frequencies alone; fitted losses not 3%% below it "
                      "are flagged (default 2.888: entropy of the UniProtKB/Swiss-Prot amino-acid composition)")
+    fit.add_argument("--unique-tokens", type=_unique, action="append", metavar="NAME=TOKENS",
+                     help="unique tokens of a repeated training set named NAME by its runs' `data` tag (e.g. "
+                     "ur50=15.2e9): the repetition law then reads R* from runs on NAME against runs that saw "
+                     "their data once (repeatable)")
     fit.add_argument("--no-log", action="store_true", help="do not log an MLflow analysis run")
     fit.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     fit.set_defaults(func=_fit)
@@ -85,7 +100,7 @@ def add_commands(sub) -> None:
 def _fit(args) -> int:
     from pathlib import Path
 
-    from protscale.cli import UserError
+    from protscale.errors import UserError
     from protscale.tracking import contract
 
     from .pipeline import Config
@@ -106,7 +121,7 @@ def _fit(args) -> int:
     cfg = Config(n_boot=args.bootstrap, n_boot_parametric=args.bootstrap_parametric, seed=args.seed,
                  parametric_points=args.parametric_points, parametric_init=args.parametric_init,
                  parametric_grid=args.parametric_grid, unigram_baseline=args.unigram_baseline,
-                 metric=args.metric, progress=not args.quiet)
+                 metric=args.metric, unique_tokens=dict(args.unique_tokens or []), progress=not args.quiet)
     out = Path(args.out)
     res = run_fit(uri, list(dict.fromkeys(args.experiment)), out, cfg, log=not args.no_log)
     r = res["results"]
@@ -130,6 +145,13 @@ def _fit(args) -> int:
                 print(f"{obj}: parametric warning: {w}")
         elif par.get("reason"):
             print(f"{obj}: parametric law not fitted: {par['reason']}")
+        rep = o.get("repetition") or {}
+        if rep.get("r_star") is not None:
+            lo, hi = rep["r_star_ci95"] or (float("nan"), float("nan"))
+            print(f"{obj}: repeated {rep['dataset']}: R* = {rep['r_star']:.3g} [{lo:.3g}, {hi:.3g}], "
+                  f"U = {rep['unique_tokens']:.3g} tokens")
+        elif rep:
+            print(f"{obj}: repeated {rep['dataset']}: R* not identified: {rep['reason']}")
     print(f"wrote {len(res['files'])} file(s) to {out}/ in {res['seconds']:.0f}s"
           + (f"; MLflow analysis run {res['run_id']}" if res["run_id"] else ""))
     return 0
@@ -148,7 +170,7 @@ def _plan(args) -> int:
 
     import math
 
-    from protscale.cli import UserError
+    from protscale.errors import UserError
 
     if not (math.isfinite(args.budget_flops) and args.budget_flops > 0):
         raise UserError(f"--budget-flops {args.budget_flops:g}: must be a finite number > 0")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from protscale.cli import UserError
+from protscale.errors import UserError
 
 from .stats import block_counts, hull, percentile_ci, simple_counts, weighted_line
 

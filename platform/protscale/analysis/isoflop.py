@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from protscale.cli import UserError
+from protscale.errors import UserError
 
 from .stats import block_counts, hull, percentile_ci, stratified_counts, weighted_line
 

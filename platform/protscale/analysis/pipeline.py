@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from protscale.cli import UserError
+from protscale.errors import UserError
 
-from . import allocation, envelope, isoflop, parametric, transfer, trust
+from . import allocation, envelope, isoflop, parametric, repetition, transfer, trust
 from .checks import CheckReport
 from .checks import final_points, run_checks
-from .results import SCHEMA_VERSION, clean_json
+from .results import CALIBRATION, SCHEMA_VERSION, clean_json
 from .stats import single_thread_blas
 
 SAMPLES_KEPT = 400   # bootstrap samples stored in results.json per scheme (for `protscale plan`)
@@ -42,6 +42,8 @@ class Config:
     metric: str = "val_loss"
     unigram_baseline: float | None = None   # nats; None: trust.UNIGRAM_BASELINE_NATS (Swiss-Prot composition)
     baseline_margin: float = trust.BASELINE_MARGIN
+    unique_tokens: dict | None = None     # {dataset name (tag ``data``): unique tokens} for the repetition law
+    n_boot_repetition: int = 200          # block-bootstrap replicates of the repetition law (Nelder-Mead refits)
     progress: bool = True
 
     def to_json(self) -> dict:
@@ -80,7 +82,7 @@ def _analyze(runs: pd.DataFrame, curves: pd.DataFrame, cfg: Config, *,
         raise UserError(f"no run left to fit after the data checks ({rep.summary()})")
     objectives = sorted(str(o) for o in clean_runs["objective"].dropna().unique())
     out = {"schema_version": SCHEMA_VERSION, "experiments": experiments or [], "tracking_uri": tracking_uri,
-           "config": cfg.to_json(), "checks": None,
+           "config": cfg.to_json(), "checks": None, "calibration": CALIBRATION,
            "unigram_baseline": trust.baseline_info(cfg.unigram_baseline, cfg.baseline_margin), "objectives": {}}
     baseline = out["unigram_baseline"]
     plot_data: dict = {}
@@ -174,6 +176,8 @@ def _analyze(runs: pd.DataFrame, curves: pd.DataFrame, cfg: Config, *,
             notes.append(f"{obj.upper()} IsoFLOP frontier: " + "; ".join(iso_w))
         # transfer (this objective as the target)
         res["transfer"] = _transfer(obj, clean_runs, clean_curves, fp, cfg, pd_obj)
+        # repeated data: runs on a repeated dataset against runs that saw their data once
+        res["repetition"] = _repetition(obj, o_runs, clean_curves, cfg)
         # compute-optimal allocation table
         res["allocation"] = allocation.single_objective_table(res)
         out["objectives"][obj] = res
@@ -193,7 +197,8 @@ def _fmt_ci(ci) -> str:
 def _fitted(r: dict) -> bool:
     """Whether any law was fitted for this objective."""
     return ("n_exponent" in (r.get("isoflop") or {}) or "b" in (r.get("envelope") or {})
-            or "best" in (r.get("parametric") or {}) or "k" in (r.get("transfer") or {}))
+            or "best" in (r.get("parametric") or {}) or "k" in (r.get("transfer") or {})
+            or "r_star_identified" in (r.get("repetition") or {}))
 
 
 def _isoflop_trust(r: dict, emp: list[dict], baseline: dict) -> None:
@@ -362,3 +367,26 @@ def _transfer(obj: str, runs: pd.DataFrame, curves: pd.DataFrame, fp: pd.DataFra
     base["bootstrap_samples_columns"] = cols
     _log(cfg, f"[{obj}] transfer: D_t = {fit['k']:.3g}·D_F^{fit['a']:.3f}·N^{fit['b'] if fit['b'] is not None else float('nan'):.3f}")
     return base
+
+
+def _repetition(obj: str, o_runs: pd.DataFrame, curves: pd.DataFrame, cfg: Config) -> dict | None:
+    """Muennighoff's repetition law from this objective's repeated/fresh pairs (``repetition.py``); None
+    without such pairs. With several repeated datasets, the one with most pairs (the others in ``others``)."""
+    by_data = repetition.pairs_from_runs(o_runs, curves)
+    fits = []
+    for name, pairs in sorted(by_data.items(), key=lambda kv: -len(kv[1])):
+        u = (cfg.unique_tokens or {}).get(name)
+        f = repetition.fit_dataset(name, pairs, unique=u, n_boot=cfg.n_boot_repetition, seed=cfg.seed)
+        if f is not None:
+            f["fresh_pairs"] = [p["fresh_label"] for p in pairs]
+            fits.append(f)
+    if not fits:
+        return None
+    main, others = fits[0], fits[1:]
+    if others:
+        main["others"] = others
+    r = main["r_star"]
+    _log(cfg, f"[{obj}] repetition ({main['dataset']}): " + (
+        f"R* = {r:.3g} 95% {_fmt_ci(main['r_star_ci95'])}, U = {main['unique_tokens']:.3g}" if r is not None
+        else main["reason"]))
+    return main

@@ -6,6 +6,9 @@ budget, which candidate sizes would tell the most about the N_opt exponent:
 * a budget whose best run sits at an edge of the sizes sampled (or with fewer than 3 sizes) is **not
   bracketed**, even when its parabola has a vertex: its next sizes extend the grid towards the side where
   the minimum lies (while candidates are left there);
+* a budget whose best run is its smallest (largest) **candidate**, so the grid cannot extend past it, and
+  that gets no other size in a wave, gets the untried candidate between the best and its sampled
+  neighbour (a flat bottom often holds a lower point there, and it shows the curvature at that edge);
 * a bracketed budget whose parabola has no usable vertex (not convex, vertex outside the sizes) gets the
   untried sizes nearest its best run;
 * a bracketed budget with a vertex gets sizes where its minimum is **least certain**: among the untried
@@ -25,7 +28,11 @@ The fit is the analyzer's own (:func:`isoflop.fit_isoflop`, the same parabolas, 
 
 Measured on a replay of the paper's CLM logs (``benchmarks/adaptive_replay.py``): from 3 sizes per budget,
 45 of the 76 trials and 63% of the full grid's compute give the full grid's exponent interval width
-(0.178 vs 0.178; N_opt ∝ C^0.620 [0.518, 0.696] against C^0.622 [0.543, 0.721]).
+(0.178 vs 0.178; N_opt ∝ C^0.620 [0.518, 0.696] against C^0.622 [0.543, 0.721]); seeds 0-3 give the same
+45 trials. The largest budget (1e21) is 64% of that grid's compute, and the interval needs 5 of its 8
+sizes: with every smaller-budget run of the grid and the best 4 of the 8 at 1e21 the interval is still
+0.196-0.214 wide (bootstrap seeds 0-2; targets 0.187-0.194), so 5 trials there (40%) are a floor for any
+placement on these logs.
 """
 
 from __future__ import annotations
@@ -131,6 +138,7 @@ def place(points, candidates, per_budget=2, target_width=0.1, seed=0) -> Placeme
     nxt: dict[float, list[float]] = {}
     unbracketable = []
     fitted_wants: dict[float, list[float]] = {}
+    edge_wants: dict[float, float] = {}    # best run at an edge the candidates cannot pass: its inside neighbour
     for b in np.sort(pts["budget"].unique()):
         b = float(b)
         g = pts[pts["budget"] == b]
@@ -152,8 +160,12 @@ def place(points, candidates, per_budget=2, target_width=0.1, seed=0) -> Placeme
             if pick:
                 nxt[b] = pick
                 continue
+            inside = _inside_neighbour(best, sizes, free, cands_for(b))
+            if inside is not None:
+                edge_wants[b] = inside
             if b not in vertex:
-                unbracketable.append(b)
+                if inside is None:
+                    unbracketable.append(b)
                 continue
         if b not in vertex:
             # bracketed by the runs, but the parabola gives no vertex: sample around the best run
@@ -185,6 +197,12 @@ def place(points, candidates, per_budget=2, target_width=0.1, seed=0) -> Placeme
         for b in chosen:
             nxt[b] = fitted_wants[b][0]
 
+    # an edge the grid cannot extend past, at a budget nothing else was placed at: the untried size next to
+    # the best on the inside (a flat bottom often hides a lower point there; it shows the curvature either way)
+    edges = sorted(b for b in edge_wants if b not in nxt)
+    for b in edges:
+        nxt[b] = [edge_wants[b]]
+
     if nxt:
         parts = []
         if exponent is None:
@@ -193,6 +211,9 @@ def place(points, candidates, per_budget=2, target_width=0.1, seed=0) -> Placeme
             parts.append(f"N_opt exponent {exponent[0]:.3f}, 95% interval [{exponent[1]:.3f}, {exponent[2]:.3f}] "
                          f"is {exponent[2] - exponent[1]:.3f} wide (target {target_width:g})")
         parts.append(f"{sum(len(v) for v in nxt.values())} size(s) at {len(nxt)} budget(s)")
+        if edges:
+            parts.append("at " + ", ".join(f"{b:.3g}" for b in edges) + " the best size is the edge of the "
+                         "candidates (the grid cannot extend): its untried neighbour inside")
         return Placement(nxt, exponent, False, "; ".join(parts))
     if exponent is None:
         why = "no frontier can be fitted and no candidate size is left that could bracket a minimum"
@@ -203,6 +224,20 @@ def place(points, candidates, per_budget=2, target_width=0.1, seed=0) -> Placeme
                f"[{exponent[1]:.3f}, {exponent[2]:.3f}] ({exponent[2] - exponent[1]:.3f} wide, target "
                f"{target_width:g}) and no untried candidate near an uncertain minimum")
     return Placement({}, exponent, True, why)
+
+
+def _inside_neighbour(best: float, sizes: np.ndarray, free: list[float], cands: list[float]) -> float | None:
+    """When the best run is both the smallest (largest) size sampled and the smallest (largest) candidate, the
+    untried candidate between it and the next sampled size, nearest the best; else None."""
+    if sizes.size < 2 or len(cands) < 3:
+        return None
+    if _same(best, sizes[0]) and _same(best, min(cands)):
+        inside = [c for c in free if best < c < sizes[1] and not _same(c, sizes[1])]
+        return min(inside) if inside else None
+    if _same(best, sizes[-1]) and _same(best, max(cands)):
+        inside = [c for c in free if sizes[-2] < c < best and not _same(c, sizes[-2])]
+        return max(inside) if inside else None
+    return None
 
 
 def _vertices(profiles: list, boot_width: dict[float, float]) -> dict[float, tuple[float, float, dict]]:

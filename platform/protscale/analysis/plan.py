@@ -7,7 +7,7 @@ of its answers is. ``protscale plan`` exits with ``trust.EXIT_UNUSABLE`` (3) whe
 
 from __future__ import annotations
 
-from protscale.cli import UserError
+from protscale.errors import UserError
 
 from . import allocation, repetition, trust
 

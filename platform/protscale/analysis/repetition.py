@@ -15,6 +15,10 @@ tokens_fresh(L). U and R* minimise Σ (log D′_obs − log D′(D; U, R*))² ov
 (one U: the pairs share the dataset). A repeated run that ends *above* a loss it reached earlier
 (overfitting) gives a falling D′_obs, which only a small R* fits.
 
+In ``protscale fit`` the pairs come from run tags (:func:`pairs_from_runs`) and U from
+``--unique-tokens NAME=N``; without U, R* is reported as not identified when U runs off to zero
+(:func:`fit_dataset`).
+
 Intervals: moving-block bootstrap of the points of each curve (neighbouring points of a curve are
 correlated), 95% percentile. ``repetition_warning`` turns the law into the warning ``protscale plan``
 gives when a budget would repeat a dataset beyond what the law supports.
@@ -107,6 +111,57 @@ def fit_repetition(pairs: list[dict], *, n_boot: int = 200, seed: int = 0, uniqu
             "unique_tokens_fixed": unique is not None, "n_points": int(d.size),
             "max_repetitions": float(d_max / U - 1.0), "rmse_log": float(np.sqrt(np.mean(resid ** 2))),
             "pairs": [s[0] for s in segs], "n_boot": int(n_boot)}
+
+
+def pairs_from_runs(runs, curves, size_tol: float = 0.02) -> dict[str, list[dict]]:
+    """Pairs of one objective's runs for :func:`fit_repetition`, by repeated dataset name.
+
+    A *fresh* run saw its data once (tag ``epochs`` ≤ 1, e.g. the paper's ``all1ep``); a *repeated* run
+    names another dataset in its ``data`` tag with ``epochs`` unset or > 1 (``ur50``). Each repeated run is
+    paired with the fresh run of the same size (|ΔN|/N < ``size_tol``) whose curve reaches furthest.
+    ``runs``: run_id, run_name, n_params, data, epochs (``data.py``); ``curves``: run_id, tokens, loss."""
+    if "data" not in runs or runs["data"].isna().all():
+        return {}
+    epochs = runs["epochs"].astype(float)
+    fresh = runs[epochs <= 1]
+    repeated = runs[runs["data"].notna() & ~(epochs <= 1) & ~runs["data"].isin(fresh["data"].dropna())]
+    by_run = {rid: g.sort_values("tokens") for rid, g in curves.groupby("run_id", sort=False)}
+    out: dict[str, list[dict]] = {}
+    for _, r in repeated.iterrows():
+        cand = fresh[(np.abs(fresh["n_params"] / r["n_params"] - 1) < size_tol) & fresh["run_id"].isin(list(by_run))]
+        if cand.empty or r["run_id"] not in by_run:
+            continue
+        f_id = max(cand["run_id"], key=lambda i: by_run[i]["tokens"].max())
+        g, f = by_run[r["run_id"]], by_run[f_id]
+        out.setdefault(str(r["data"]), []).append({
+            "rep_tokens": g["tokens"].to_numpy(float), "rep_loss": g["loss"].to_numpy(float),
+            "fresh_tokens": f["tokens"].to_numpy(float), "fresh_loss": f["loss"].to_numpy(float),
+            "label": str(r.get("run_name") or r["run_id"]), "fresh_label": str(
+                cand.set_index("run_id").loc[f_id].get("run_name") or f_id), "n_params": float(r["n_params"])})
+    return out
+
+
+def fit_dataset(data_name: str, pairs: list[dict], *, unique: float | None, n_boot: int, seed: int) -> dict | None:
+    """:func:`fit_repetition` for the pairs of one repeated dataset, with what a reader must know: without
+    the dataset's unique tokens U the fit can drive U to zero and R* to infinity (only U·(1 + R*) is then
+    pinned); R* is then reported as not identified rather than as a number."""
+    d_min = min(float(np.min(p["rep_tokens"][p["rep_tokens"] > 0])) for p in pairs)
+    res = fit_repetition(pairs, n_boot=0, seed=seed, unique=unique)       # the point fit alone first:
+    if res is not None and not (unique is None and res["unique_tokens"] < 0.01 * d_min):
+        res = fit_repetition(pairs, n_boot=n_boot, seed=seed, unique=unique)  # no intervals for a lost cause
+    if res is None:
+        return None
+    res["dataset"] = data_name
+    res["saturation_tokens"] = res["unique_tokens"] * (1.0 + res["r_star"])
+    if unique is None and res["unique_tokens"] < 0.01 * d_min:
+        res["r_star_identified"] = False
+        res["reason"] = (f"U → {res['unique_tokens']:.3g} tokens: the curves pin only U·(1 + R*) = "
+                         f"{res['saturation_tokens']:.3g}; give the dataset's unique tokens "
+                         f"(`protscale fit --unique-tokens {data_name}=N`) to read R*")
+        res["r_star"] = res["r_star_ci95"] = None
+    else:
+        res["r_star_identified"] = True
+    return res
 
 
 def _exp_ci(log_samples):

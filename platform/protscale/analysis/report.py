@@ -43,7 +43,13 @@ def build_markdown(results: dict, plots: list[Path]) -> str:
     L.append(f"Metric `{cfg.get('metric')}`; bootstrap: {cfg.get('n_boot')} replicates per scheme "
              f"({cfg.get('n_boot_parametric')} for the parametric law), seed {cfg.get('seed')}. Intervals are 95% "
              "percentile intervals; the one reported is the hull of the run-level and the budget-blocked "
-             "bootstrap.")
+             "bootstrap (for the transfer law a wild cluster bootstrap widened for few runs: see `transfer.py`).")
+    cal = results.get("calibration")
+    if cal:
+        L.append("Calibration these intervals rest on (share of nominal-95% intervals containing the truth over "
+                 "synthetic sweeps from a known law; `" + cal["command"] + "`): "
+                 + "; ".join(f"{q['quantity']} {100 * q['observed']:.1f}% (median width {q['median_width']:.3g}, "
+                             f"{q['simulations']} sweeps)" for q in cal["quantities"]) + ".")
     ub = results.get("unigram_baseline")
     if ub:
         L.append(f"Unigram baseline (loss of predicting each residue from its frequency alone): {ub['nats']:.3f} nats "
@@ -188,6 +194,7 @@ def build_markdown(results: dict, plots: list[Path]) -> str:
             for n in tr.get("notes", []):
                 L.append(f"- {n}")
             L.append("")
+        L += _repetition(r.get("repetition"))
         al = r.get("allocation") or []
         if al:
             L += ["### Compute-optimal allocation", ""]
@@ -230,6 +237,22 @@ def build_markdown(results: dict, plots: list[Path]) -> str:
         for p in plots:
             L += [f"![{Path(p).stem}]({Path(p).name})", ""]
     return "\n".join(L) + "\n"
+
+
+def _repetition(rep: dict | None) -> list[str]:
+    if not rep:
+        return []
+    L = ["### Repeated data (Muennighoff et al. 2023)", "",
+         f"Runs on `{rep['dataset']}` ({', '.join(rep['pairs'])}) against runs that saw their data once "
+         f"({', '.join(rep.get('fresh_pairs') or [])}); D′ = U + U·R*·(1 − e^(−R/R*)), {rep['n_points']} points, "
+         f"rmse(log D′) {_f(rep['rmse_log'], '.3f')}."]
+    u = f"U = {rep['unique_tokens']:.3g} unique tokens" + (" (given)" if rep.get("unique_tokens_fixed") else "")
+    if rep.get("r_star") is not None:
+        L.append(f"**R* = {rep['r_star']:.3g}** 95% {_ci(rep['r_star_ci95'], '{:.3g}')}; {u}: repeating beyond "
+                 f"U·(1 + R*) = {rep['saturation_tokens']:.3g} effective tokens buys nothing.")
+    else:
+        L.append(f"R* not identified: {rep.get('reason')}")
+    return L + [""]
 
 
 def _basin_spread(par: dict) -> list[str]:

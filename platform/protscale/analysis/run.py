@@ -3,13 +3,12 @@ them all to an MLflow run tagged kind=analysis in the first experiment."""
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 from protscale.tracking import contract as c
 
-from .pipeline import Analysis, Config, analyze
+from .pipeline import Analysis, Config, _log, analyze
 from .plots import make_plots
 from .report import write_report
 from .results import validate, write_results
@@ -93,10 +92,9 @@ def run_fit(tracking_uri: str, experiments: list[str], out: Path, cfg: Config, *
     from .data import load_store
 
     t0 = time.monotonic()
-    print(f"reading {', '.join(experiments)} from {tracking_uri}", file=sys.stderr, flush=True)
+    _log(cfg, f"reading {', '.join(experiments)} from {tracking_uri}")
     runs, curves, exp_ids = load_store(tracking_uri, experiments, cfg.metric)
-    print(f"  {len(runs)} run(s), {len(curves)} point(s) of {cfg.metric} in {time.monotonic() - t0:.1f}s",
-          file=sys.stderr, flush=True)
+    _log(cfg, f"  {len(runs)} run(s), {len(curves)} point(s) of {cfg.metric} in {time.monotonic() - t0:.1f}s")
     an = analyze(runs, curves, cfg, experiments=experiments, tracking_uri=tracking_uri)
     problems = validate(an.results)
     if problems:  # a bug, not a user error

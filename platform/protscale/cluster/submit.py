@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from protscale.cli import UserError
+from protscale.errors import UserError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")

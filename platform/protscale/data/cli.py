@@ -64,7 +64,7 @@ def add_commands(sub) -> None:
 
 
 def _prepare(args) -> int:
-    from ..cli import UserError
+    from ..errors import UserError
     from . import bundled
     from .prepare import parse_source, prepare, summary_line
 

@@ -22,7 +22,7 @@ from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 
-from ..cli import UserError
+from ..errors import UserError
 from .tokenizer import VALID_RESIDUES
 
 try:  # ISA-L's gzip reader (package ``isal``): the same format, about 3x faster to decompress

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .shards import SCHEMA, Block, PackedRows
+from .shards import Block, PackedRows, shard_schema
 from .tokenizer import PAD, encode_flat
 
 # Rows per Parquet row group: the unit a trial reads on demand (1 MiB of tokens at seq_len 1024).
@@ -59,7 +59,7 @@ def tokenise_pack(residues: np.ndarray, lengths: np.ndarray, seq_len: int) -> Bl
 
 
 def shard_table(rows: PackedRows | Block) -> pa.Table:
-    """``rows`` as a table of ``shards.SCHEMA``, built from flat buffers (no per-row Python objects)."""
+    """``rows`` as a table of ``shards.shard_schema``, built from flat buffers (no per-row Python objects)."""
     if isinstance(rows, PackedRows):
         n = len(rows)
         counts = np.fromiter((s.size for s in rows.seq_lens), dtype=np.int64, count=n)
@@ -67,13 +67,15 @@ def shard_table(rows: PackedRows | Block) -> pa.Table:
         flat = np.concatenate(rows.seq_lens).astype(np.int32) if n else np.zeros(0, np.int32)
         rows = Block(rows.tokens, flat, offsets)
     n, seq_len = rows.tokens.shape
-    tok_offsets = pa.array(np.arange(0, (n + 1) * seq_len, seq_len, dtype=np.int32))
-    tokens = pa.ListArray.from_arrays(tok_offsets, pa.array(rows.tokens.reshape(-1), type=pa.uint8()))
+    tokens = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(seq_len), n, [None, pa.py_buffer(np.ascontiguousarray(rows.tokens, dtype=np.uint8))])
     seq_lens = pa.ListArray.from_arrays(pa.array(rows.seg_offsets.astype(np.int32)),
                                         pa.array(rows.seg_lens.astype(np.int32, copy=False), type=pa.int32()))
-    return pa.Table.from_arrays([tokens, seq_lens], schema=SCHEMA)
+    return pa.Table.from_arrays([tokens, seq_lens], schema=shard_schema(seq_len))
 
 
 def write_shard(fs, path: str, rows: PackedRows | Block, row_group_rows: int = ROW_GROUP_ROWS) -> None:
-    """Write ``rows`` as one zstd Parquet file at ``path`` of the pyarrow filesystem ``fs``."""
-    pq.write_table(shard_table(rows), path, filesystem=fs, compression="zstd", row_group_size=row_group_rows)
+    """Write ``rows`` as one zstd Parquet file at ``path`` of the pyarrow filesystem ``fs`` (no dictionary
+    and no statistics: neither helps a column of whole token rows, and both cost time)."""
+    pq.write_table(shard_table(rows), path, filesystem=fs, compression="zstd", row_group_size=row_group_rows,
+                   use_dictionary=False, write_statistics=False)

@@ -7,12 +7,13 @@ Nothing holds the corpus in one process; every stage works on a bounded piece of
    block with array operations (``fasta.read_fasta_blocks``: the first invalid record stops the run with
    its ``FILE:LINE``, or is skipped and counted), hash each sequence (64-bit BLAKE2b) and give it a
    bucket: ``hash % n_buckets``. A block becomes an Arrow table on its own buffers (no per-row objects).
-2. **De-duplicate** by hash partitioning: Ray Data's ``groupby("bucket").map_groups`` brings every copy
-   of a sequence to the same task, which keeps the first occurrence (sources in the order given, then
-   the ``--ood`` file): rows sorted by hash, the sequences themselves compared where hashes tie. It
-   writes its unique rows to one intermediate Parquet file. A bucket holds about ``rows_per_shard`` rows'
-   worth of residues, so memory per task is bounded whatever the corpus size; the shuffle spills through
-   Ray's object store.
+2. **De-duplicate** by hash partitioning: Ray Data's hash shuffle (``repartition(keys=["bucket"])``,
+   ``ShuffleStrategy.SHUFFLE_V2``) brings every copy of a sequence to the same partition, whose task
+   keeps the first occurrence (sources in the order given, then the ``--ood`` file): rows sorted by
+   hash, the sequences themselves compared where hashes tie. It writes each bucket's unique rows to one
+   intermediate Parquet file. Partitions are sized from the input (``_shuffle_sizes``: ~64 MiB of
+   records each up to 2,048 partitions), so memory per task is bounded whatever the corpus size; the
+   shuffle's compressed pieces wait in Ray's object store, which spills them to disk when it is full.
 3. **OOD test split**: the ``--ood`` file's unique sequences not found in any source; or with
    ``--ood-clusters``, whole ``mmseqs easy-cluster`` clusters holding that fraction of the residues
    (mmseqs reads one FASTA streamed from the buckets); else none.
@@ -51,19 +52,22 @@ from typing import Iterator, Sequence
 import numpy as np
 import pyarrow.fs as pafs
 
-from ..cli import UserError
+from ..errors import UserError
 from . import shards
 from .storage import Location, is_uri, locate
 from .tokenizer import VOCAB_SIZE
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: tokens as fixed_size_binary(seq_len) (see shards.py); 2: list<uint8>
 TOKENIZER = "esm2"
 FIRST_PROBLEMS = 5  # rejected-record locations kept per source
 RESIDUES_PER_COMPRESSED_BYTE = 1.7  # estimate for gzip FASTA (1.0 for plain text), to size the buckets
 MAX_BUCKETS = 1 << 16  # ~8M tokens each at the defaults: 0.5T tokens before buckets grow
 MAX_PARTITIONS = 2048  # shuffle partitions (a task de-duplicates the few buckets of one)
+PARTITION_BYTES = 64 << 20  # records per shuffle partition (see _shuffle_sizes)
+RECORD_BYTES_PER_RESIDUE = 1.15  # an Arrow record row per residue: the letter + offset, hash, ids per sequence
 BLOCK_BYTES = 16 << 20  # Ray Data block size (see connect_ray)
 INTERMEDIATE_COMPRESSION = "lz4"  # de-duplicated buckets, read back once: fast beats small
+SHUFFLE_COMPRESSION = "lz4"  # the shuffle's pieces in the object store, read back once
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 
 
@@ -153,13 +157,30 @@ def connect_ray(address: str | None = None, progress: bool = True):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.print_on_execution_start = progress
-    ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED  # tasks, no actors
-    # Blocks of ~16 MiB: the sort shuffle makes one de-duplication task per input block, so smaller blocks
-    # than Ray's default (128 MiB; a whole input file here) bound a task's memory and let one file's
-    # buckets be de-duplicated in parallel.
+    # Ray Data's hash shuffle (tasks, no actors): map tasks hash-partition the records by bucket into
+    # compressed pieces in the object store (which spills to disk when full); one reduce task per partition
+    # gathers its pieces. Its pieces are map tasks x partitions, not blocks^2 as in the sort shuffle.
+    ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SHUFFLE_V2
+    ctx.use_disk_based_hash_shuffle = False
+    ctx.shuffle_compression = SHUFFLE_COMPRESSION
+    # Blocks of ~16 MiB rather than Ray's default 128 MiB (a whole input file here) keep the records
+    # streaming from the read tasks into the shuffle in small pieces.
     ctx.target_max_block_size = BLOCK_BYTES
     logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.ERROR)
     return ray
+
+
+def _one_worker_pool() -> dict:
+    """Ray remote args that put our tasks in the worker pool of the shuffle's reduce tasks. Ray Data gives
+    the hash shuffle's map and reduce tasks worker pools of their own (a runtime env of one variable
+    each); on a small machine a third pool for the read and write tasks means Python workers killed
+    and restarted between stages (~2 CPU-s each here) and more of them alive at once."""
+    try:
+        from ray.data._internal.execution.operators.shuffle_operators.shuffle_reduce_operator import (
+            _SHUFFLE_REDUCE_RUNTIME_ENV as env)
+    except ImportError:       # another Ray: its own pools, correct but slower to start
+        return {}
+    return {"runtime_env": {"env_vars": dict(env.get("env_vars", {}))}}
 
 
 def _user_error(exc: BaseException) -> UserError | None:
@@ -248,47 +269,57 @@ def _records_table(pa, src: int, start: int, blk, n_buckets: int):
 
 
 # --------------------------------------------------------------------------------- 2. de-duplicate
-def _dedup_bucket(table, *, work: Location, n_files: int, ood_index: int):
-    """Ray Data ``map_groups`` UDF for one bucket: keep the first occurrence of every sequence, write the
-    unique rows (sorted by hash) to ``work/bucket-<b>.parquet``, return one JSON note of counts. The
-    group of ``bucket = -1`` holds the read tasks' file statistics and is passed through as notes."""
+def _dedup_partition(table, *, work: Location, n_files: int, ood_index: int):
+    """Ray Data UDF for one partition of the hash shuffle (every row of the buckets it holds): keep the
+    first occurrence of every sequence, write each bucket's unique rows (sorted by hash) to
+    ``work/bucket-<b>.parquet``, return one JSON note of counts per bucket. Rows of ``bucket = -1`` hold
+    the read tasks' file statistics and are passed through as notes."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    b = int(table["bucket"][0].as_py())
-    if b < 0:
-        return pa.table({"note": table["seq"]})
-    # Copies of a sequence have equal hashes: sorting by hash first compares the bytes only on hash ties.
-    table = table.sort_by([("h", "ascending"), ("seq", "ascending"), ("src", "ascending"), ("ord", "ascending")])
-    seq = table["seq"].combine_chunks()
-    src = table["src"].to_numpy()
-    h = table["h"].to_numpy()
-    n = len(seq)
-    first = np.ones(n, dtype=bool)
-    tie = np.flatnonzero(h[1:] == h[:-1])
-    if tie.size:
-        same = pc.equal(seq.take(pa.array(tie + 1)), seq.take(pa.array(tie)))
-        first[tie + 1] = ~same.to_numpy(zero_copy_only=False)
-    lengths = pc.binary_length(seq).to_numpy().astype(np.int64)
-    owner = src[np.maximum.accumulate(np.where(first, np.arange(n), 0))]  # src of each row's first copy
-    dup = ~first
-    overlap = dup & (src == ood_index) & (owner != ood_index)  # an OOD record that a source also holds
-    plain = dup & ~overlap
-    keep = table.filter(pa.array(first)).select(["src", "h", "seq"])  # in hash order
-    path = work.join(f"bucket-{b:05d}.parquet")
-    pq.write_table(keep, path.path, filesystem=work.fs, compression=INTERMEDIATE_COMPRESSION,
-                   use_dictionary=False, write_statistics=False)
-    kept_src = src[first]
-    note = {"bucket": b, "node": _node_id(), "rows": int(first.sum()),
-            "unique": np.bincount(kept_src, minlength=n_files).tolist(),
-            "unique_residues": np.bincount(kept_src, lengths[first], minlength=n_files).astype(int).tolist(),
-            "duplicates": np.bincount(src[plain], minlength=n_files).tolist(),
-            "duplicate_residues": np.bincount(src[plain], lengths[plain], minlength=n_files).astype(int).tolist(),
-            "overlap": int(overlap.sum())}
-    del table, seq, keep
+    bucket = table["bucket"].to_numpy()
+    notes = [x for x in table["seq"].filter(pa.array(bucket < 0)).to_pylist()]
+    table = table.filter(pa.array(bucket >= 0))
+    if table.num_rows:
+        # Copies of a sequence have equal hashes (hence one bucket): sorting by hash first compares the bytes
+        # only on hash ties.
+        table = table.sort_by([("h", "ascending"), ("seq", "ascending"), ("src", "ascending"),
+                               ("ord", "ascending")])
+        seq = table["seq"].combine_chunks()
+        src = table["src"].to_numpy()
+        h = table["h"].to_numpy()
+        bucket = table["bucket"].to_numpy()
+        n = len(seq)
+        first = np.ones(n, dtype=bool)
+        tie = np.flatnonzero(h[1:] == h[:-1])
+        if tie.size:
+            same = pc.equal(seq.take(pa.array(tie + 1)), seq.take(pa.array(tie)))
+            first[tie + 1] = ~same.to_numpy(zero_copy_only=False)
+        lengths = pc.binary_length(seq).to_numpy().astype(np.int64)
+        owner = src[np.maximum.accumulate(np.where(first, np.arange(n), 0))]  # src of each row's first copy
+        dup = ~first
+        overlap = dup & (src == ood_index) & (owner != ood_index)  # an OOD record that a source also holds
+        plain = dup & ~overlap
+        by_bucket = np.argsort(bucket, kind="stable")  # each bucket's rows stay in hash order
+        cuts = np.flatnonzero(np.diff(bucket[by_bucket])) + 1
+        for rows in np.split(by_bucket, cuts):
+            b = int(bucket[rows[0]])
+            mine = rows[first[rows]]
+            keep = table.take(pa.array(mine)).select(["src", "h", "seq"])
+            pq.write_table(keep, work.join(f"bucket-{b:05d}.parquet").path, filesystem=work.fs,
+                           compression=INTERMEDIATE_COMPRESSION, use_dictionary=False, write_statistics=False)
+            p = rows[plain[rows]]
+            note = {"bucket": b, "node": _node_id(), "rows": int(mine.size),
+                    "unique": np.bincount(src[mine], minlength=n_files).tolist(),
+                    "unique_residues": np.bincount(src[mine], lengths[mine], minlength=n_files).astype(int).tolist(),
+                    "duplicates": np.bincount(src[p], minlength=n_files).tolist(),
+                    "duplicate_residues": np.bincount(src[p], lengths[p], minlength=n_files).astype(int).tolist(),
+                    "overlap": int(overlap[rows].sum())}
+            notes.append(json.dumps(note).encode())
+        del table, seq, keep
     pa.default_memory_pool().release_unused()  # a worker runs many tasks: hand back what this one freed
-    return pa.table({"note": pa.array([json.dumps(note).encode()])})
+    return pa.table({"note": pa.array(notes, pa.binary())})
 
 
 # -------------------------------------------------------------------------- 5. split, pack, write
@@ -483,8 +514,8 @@ def _install(tmp: Path, out: Path, overwrite: bool) -> None:
         os.replace(tmp, out)
 
 
-def _n_buckets(inputs: list[Location], seq_len: int, rows_per_shard: int) -> int:
-    """Buckets (= shards of the train split) so that one holds about ``rows_per_shard`` packed rows."""
+def _estimate_residues(inputs: list[Location]) -> float:
+    """Residues in the inputs, estimated from their sizes (checks first that every input is a file)."""
     est = 0.0
     for loc in inputs:
         info = loc.info()
@@ -494,7 +525,25 @@ def _n_buckets(inputs: list[Location], seq_len: int, rows_per_shard: int) -> int
             raise UserError(f"{loc}: is a directory, not a FASTA file")
         size = info.size or 0
         est += size * (RESIDUES_PER_COMPRESSED_BYTE if str(loc).endswith(".gz") else 1.0)
-    return int(min(MAX_BUCKETS, max(1, math.ceil(est / (seq_len * rows_per_shard)))))
+    return est
+
+
+def _n_buckets(est_residues: float, seq_len: int, rows_per_shard: int) -> int:
+    """Buckets (= shards of the train split) so that one holds about ``rows_per_shard`` packed rows."""
+    return int(min(MAX_BUCKETS, max(1, math.ceil(est_residues / (seq_len * rows_per_shard)))))
+
+
+def _shuffle_sizes(est_residues: float, n_buckets: int, cpus: int) -> tuple[int, int]:
+    """(partitions, map input bytes) of the de-duplication's hash shuffle. A partition (the rows of the
+    buckets that hash to it) is one de-duplication task, so it holds about ``PARTITION_BYTES`` whatever
+    the corpus size, and there are at least two per CPU while buckets allow. A map task partitions
+    ``map input bytes`` of records at once: 1/256 of the corpus, within [64 MiB, 1 GiB], which keeps the
+    shuffle's pieces (map tasks x partitions, all owned by the driver) below ~0.5M at the paper's size."""
+    est_bytes = est_residues * RECORD_BYTES_PER_RESIDUE
+    parts = max(math.ceil(est_bytes / PARTITION_BYTES), 2 * max(1, cpus))
+    parts = int(min(parts, n_buckets + 1, MAX_PARTITIONS))
+    map_bytes = int(min(1 << 30, max(64 << 20, est_bytes / 256)))
+    return parts, map_bytes
 
 
 # ---------------------------------------------------------------------------------------------- API
@@ -528,7 +577,8 @@ def prepare(sources: Sequence[Source | str | tuple], out: str | Path, *, ood: st
     for path, loc in zip(paths, inputs):      # an empty input fails here, before Ray starts
         if loc.fs.get_file_info(loc.path).size == 0:
             raise UserError(f"{path}: empty file (no FASTA records)")
-    n_buckets = _n_buckets(inputs, seq_len, rows_per_shard)
+    est_residues = _estimate_residues(inputs)
+    n_buckets = _n_buckets(est_residues, seq_len, rows_per_shard)
     ray = connect_ray(address, progress)
 
     # Where the pieces go: local -> a temporary sibling renamed at the end; remote -> under the prefix.
@@ -550,7 +600,7 @@ def prepare(sources: Sequence[Source | str | tuple], out: str | Path, *, ood: st
         if not out_loc.remote:  # object stores have no directories (and need no marker objects)
             build.mkdir()
             work.mkdir()
-        manifest = _pipeline(ray, srcs, inputs, n_files, ood_index, n_buckets, build, work, out_loc,
+        manifest = _pipeline(ray, srcs, inputs, n_files, ood_index, n_buckets, est_residues, build, work, out_loc,
                              ood_clusters=ood_clusters, min_seq_id=min_seq_id, val_fraction=val_fraction,
                              val_min=val_min, seq_len=seq_len, seed=seed, on_invalid=on_invalid,
                              rows_per_shard=rows_per_shard, say=say, timings=timings, t0=t0)
@@ -576,20 +626,22 @@ def prepare(sources: Sequence[Source | str | tuple], out: str | Path, *, ood: st
     return manifest
 
 
-def _pipeline(ray, srcs, inputs, n_files, ood_index, n_buckets, build: Location, work: Location,
+def _pipeline(ray, srcs, inputs, n_files, ood_index, n_buckets, est_residues, build: Location, work: Location,
               out_loc: Location, *, ood_clusters, min_seq_id, val_fraction, val_min, seq_len, seed,
               on_invalid, rows_per_shard, say, timings, t0) -> dict:
     # 1-2. read + validate in parallel, hash-partition, de-duplicate per bucket
-    say(f"reading {n_files} file(s) into {n_buckets} hash bucket(s)")
+    n_partitions, map_bytes = _shuffle_sizes(est_residues, n_buckets, int(ray.cluster_resources().get("CPU", 1)))
+    ray.data.DataContext.get_current().shuffle_input_batch_bytes = map_bytes
+    say(f"reading {n_files} file(s) into {n_buckets} hash bucket(s) in {n_partitions} shuffle partition(s)")
     names = [str(s.path) for s in srcs] + ([str(inputs[-1])] if ood_index >= 0 else [])
     files = ray.data.from_items([{"file": i} for i in range(n_files)], override_num_blocks=n_files)
     records = files.map_batches(
         _read_files, batch_size=1, batch_format="numpy",
         fn_kwargs={"inputs": [(loc.fs, loc.path, name) for loc, name in zip(inputs, names)],
-                   "n_buckets": n_buckets, "on_invalid": on_invalid})
-    deduped = records.groupby("bucket", num_partitions=min(n_buckets + 1, MAX_PARTITIONS)).map_groups(
-        _dedup_bucket, batch_format="pyarrow",
-        fn_kwargs={"work": work, "n_files": n_files, "ood_index": ood_index})
+                   "n_buckets": n_buckets, "on_invalid": on_invalid}, **_one_worker_pool())
+    deduped = records.repartition(n_partitions, keys=["bucket"]).map_batches(
+        _dedup_partition, batch_size=None, batch_format="pyarrow",
+        fn_kwargs={"work": work, "n_files": n_files, "ood_index": ood_index}, **_one_worker_pool())
     notes = [json.loads(r["note"]) for r in _run(deduped.take_all)]
     timings["read_dedup"] = time.monotonic() - t0
     file_stats = {n["file"]: n for n in notes if "file" in n}
@@ -654,7 +706,8 @@ def _pipeline(ray, srcs, inputs, n_files, ood_index, n_buckets, build: Location,
     todo = [n["bucket"] for n in buckets if n["rows"]]
     parts = ray.data.from_items([{"bucket": b} for b in todo], override_num_blocks=max(1, len(todo)))
     written = parts.map_batches(_split_bucket, batch_size=1, batch_format="numpy",
-                                fn_kwargs={"work": work, "out": build, "plan": plan, "n_files": n_files})
+                                fn_kwargs={"work": work, "out": build, "plan": plan, "n_files": n_files},
+                                **_one_worker_pool())
     shard_notes = [json.loads(r["note"]) for r in _run(written.take_all) if r["note"]]
     timings["split_pack_write"] = time.monotonic() - t0 - sum(timings.values())
 

@@ -7,8 +7,11 @@ A prepared dataset is a directory::
 
 Each Parquet row is one packed row of exactly ``seq_len`` tokens:
 
-    tokens    list<uint8>   ``<cls> residues <eos>`` of consecutive sequences, cut at ``seq_len``; the
-                            last row of a split is right-padded with ``<pad>``
+    tokens    fixed_size_binary(seq_len)  the token ids (one byte each) of ``<cls> residues <eos>`` of
+                            consecutive sequences, cut at ``seq_len``; the last row of a split is
+                            right-padded with ``<pad>``. (Format 2 stored ``list<uint8>``: the reader reads
+                            both; a fixed-size column is written and read as one buffer, without the
+                            per-token list levels that made it the largest cost of ``data prepare``.)
     seq_lens  list<int32>   lengths of the segments that make up the row, in order; they sum to the
                             number of real (non-pad) tokens. A sequence cut by a row boundary becomes
                             two segments. Attention and loss never cross a segment boundary.
@@ -31,12 +34,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..cli import UserError
+from ..errors import UserError
 from .storage import locate
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
-SCHEMA = pa.schema([("tokens", pa.list_(pa.uint8())), ("seq_lens", pa.list_(pa.int32()))])
+
+
+def shard_schema(seq_len: int) -> pa.Schema:
+    return pa.schema([("tokens", pa.binary(seq_len)), ("seq_lens", pa.list_(pa.int32()))])
 
 
 @dataclass
@@ -249,7 +255,11 @@ class SplitReader:
         self.reads += 1
         tok = table.column("tokens").combine_chunks()
         lens = table.column("seq_lens").combine_chunks()
-        tokens = tok.flatten().to_numpy(zero_copy_only=False).astype(np.uint8, copy=False).reshape(n, self.seq_len)
+        if pa.types.is_fixed_size_binary(tok.type):
+            tokens = np.frombuffer(tok.buffers()[1], dtype=np.uint8, count=n * self.seq_len,
+                                   offset=tok.offset * self.seq_len).reshape(n, self.seq_len)
+        else:                                            # format 2: list<uint8>
+            tokens = tok.flatten().to_numpy(zero_copy_only=False).astype(np.uint8, copy=False).reshape(n, self.seq_len)
         seg_lens = lens.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
         seg_offsets = np.concatenate(([0], np.cumsum(lens.value_lengths().to_numpy(zero_copy_only=False))))
         return Block(tokens, seg_lens, seg_offsets.astype(np.int64))

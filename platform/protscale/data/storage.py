@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from ..cli import UserError
+from ..errors import UserError
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
 

@@ -39,7 +39,7 @@ def _uri(args) -> str:
 
 
 def export_cmd(args) -> int:
-    from ..cli import UserError
+    from ..errors import UserError
 
     try:
         import transformers  # noqa: F401
@@ -55,7 +55,7 @@ def export_cmd(args) -> int:
 
 
 def register_cmd(args) -> int:
-    from .registry import register_compute_optimal
+    from ..tracking.models import register_compute_optimal
 
     name = args.name or f"{args.experiment}-{args.objective}"
     run, version = register_compute_optimal(_uri(args), args.experiment, args.objective, name)

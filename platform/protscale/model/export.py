@@ -130,7 +130,7 @@ def save(model, out: str | os.PathLike, max_positions: int = 1024) -> Path:
     everything is written into a temporary sibling first and renamed into place."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        from ..cli import UserError
+        from ..errors import UserError
 
         raise UserError(f"--out {out}: exists and is not an empty directory; choose a new one")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -149,10 +149,10 @@ def save(model, out: str | os.PathLike, max_positions: int = 1024) -> Path:
 
 def export_run(tracking_uri: str, run_id: str, out: str | os.PathLike) -> tuple[Path, str]:
     """Export the MLflow model of trial run ``run_id``; returns (directory, transformers class name)."""
-    from ..cli import UserError
+    from ..errors import UserError
     from ..tracking import contract as c
     from ..tracking.runs import client
-    from .registry import load_model
+    from ..tracking.models import load_model
 
     try:
         run = client(tracking_uri).get_run(run_id)

@@ -195,12 +195,6 @@ def next_wave(adaptive: Adaptive, points: dict[str, list[tuple]], attempted: Ite
                 if t.name not in attempted and t not in trials:
                     trials.append(t)
         reason = p.reason
-        narrow = p.exponent is not None and p.exponent[2] - p.exponent[1] <= adaptive.target_width
-        edge = [] if narrow else _edge_refinements(adaptive, obj, pts, attempted, {t.budget_flops for t in trials})
-        if edge:
-            trials += edge
-            reason += ("; at " + ", ".join(f"{t.budget_flops:.3g}" for t in edge) + " the best size is the "
-                       "edge of the candidates (the grid cannot extend): its untried neighbour inside")
         if left <= 0 and trials:
             trials, reason = [], f"{reason}; stopped: the {adaptive.limit()} trials of max_trials are spent"
         elif len(trials) > left:
@@ -210,36 +204,6 @@ def next_wave(adaptive: Adaptive, points: dict[str, list[tuple]], attempted: Ite
             reason = f"{reason}; stopped: every size placement asks for was tried already"
         waves.append(Wave(obj, trials, p.exponent, p.done or not trials, reason, len(mine)))
     return waves
-
-
-def _edge_refinements(adaptive: Adaptive, obj: str, pts: list[tuple], attempted: set[str],
-                      placed: set[float]) -> list[Trial]:
-    """For each budget placement left alone whose best run is its smallest (largest) candidate size — the
-    minimum is not bracketed and the grid cannot extend that way — the untried candidate next to the
-    best on the inside: a flat bottom often holds a lower point between the best and its neighbour, and
-    it shows the curvature at that edge either way."""
-    out = []
-    for b in adaptive.budgets:
-        if b in placed:
-            continue
-        mine = [(n, loss) for bb, n, loss in pts if bb == b]
-        cands = adaptive.candidates(b)
-        if len(mine) < 2 or len(cands) < 3:
-            continue
-        sizes = [float(get_size(s).n_params_non_embedding) for s in cands]
-        best = min(mine, key=lambda x: x[1])[0]
-        sampled = sorted(n for n, _ in mine)
-        if best == sampled[0] == sizes[0]:
-            inside = [s for s, n in zip(cands, sizes) if best < n < sampled[1]]
-        elif best == sampled[-1] == sizes[-1]:
-            inside = [s for s, n in zip(cands, sizes) if sampled[-2] < n < best][::-1]
-        else:
-            continue
-        t = next((Trial(obj, s, b, adaptive.seed) for s in inside
-                  if Trial(obj, s, b, adaptive.seed).name not in attempted), None)
-        if t is not None:
-            out.append(t)
-    return out
 
 
 def _fair_cut(trials: list[Trial], k: int) -> list[Trial]:

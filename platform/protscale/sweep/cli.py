@@ -29,6 +29,8 @@ def add_commands(sub) -> None:
                    help="dense bf16 peak of one GPU for GPU-hours (H100: 989, A100: 312)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are skipped")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
+    p.add_argument("--max-failures", type=int, default=1, metavar="N",
+                   help="times Ray Tune restarts a trial that died (a lost node or worker) from its checkpoint")
     p.add_argument("--verbose", action="store_true",
                    help="show Ray's output (Tune's tables, trial and worker logs) here instead of in the sweep's "
                    "log file (<storage>/<sweep>/sweep.log), with one progress line per finished trial")
@@ -40,7 +42,7 @@ def add_commands(sub) -> None:
 
 
 def _load(path: str, data_override: str | None = None, gpu_memory: float | None = None):
-    from ..cli import UserError
+    from ..errors import UserError
     from ..data.shards import read_manifest
     from .space import load, validate
 
@@ -135,13 +137,14 @@ def _dry_run(space, as_json: bool = False, mfu: float = DEFAULT_MFU,
 
 
 def run_sweep_cmd(args) -> int:
-    from ..cli import UserError
+    from ..errors import UserError
     from ..tracking.contract import default_tracking_uri, resolve_tracking_uri
 
     for flag, value, ok in (("--gpu-memory", args.gpu_memory, args.gpu_memory is None or args.gpu_memory > 0),
-                            ("--mfu", args.mfu, 0 < args.mfu <= 1), ("--peak-tflops", args.peak_tflops, args.peak_tflops > 0)):
+                            ("--mfu", args.mfu, 0 < args.mfu <= 1), ("--peak-tflops", args.peak_tflops, args.peak_tflops > 0),
+                            ("--max-failures", args.max_failures, args.max_failures >= 0)):
         if not ok:
-            raise UserError(f"{flag} {value:g}: out of range (GPU memory and peak > 0, MFU in (0, 1])")
+            raise UserError(f"{flag} {value:g}: out of range (GPU memory and peak > 0, MFU in (0, 1], max failures >= 0)")
     space, manifest = _load(args.space, gpu_memory=args.gpu_memory)
     if args.dry_run:
         _dry_run(space, args.json, args.mfu, args.peak_tflops)
@@ -156,7 +159,8 @@ def run_sweep_cmd(args) -> int:
     uri = resolve_tracking_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
     check_tracking_access(uri)      # before Ray starts: not once per trial, inside every trial
     connect_ray(args.ray_address)
-    statuses = run_sweep(space, uri, args.storage, resume=args.resume, verbose=args.verbose)
+    statuses = run_sweep(space, uri, args.storage, resume=args.resume, max_failures=args.max_failures,
+                         verbose=args.verbose)
     failed = [n for n, s in statuses.items() if s != "completed"]
     from ..tracking.provenance import experiment_hint
 

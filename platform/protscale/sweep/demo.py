@@ -114,7 +114,7 @@ def transfer_lines(space, uri: str) -> list[str]:
 
 
 def run_demo(args) -> int:
-    from ..cli import UserError
+    from ..errors import UserError
     from ..train.trial import connect_ray
     from .cli import _load
     from .tune import run_sweep
@@ -161,7 +161,7 @@ def run_demo(args) -> int:
         for line in summary_lines(res["results"]):
             say(line)
         say(f"report: {report / 'report.html'} (also report.md, results.json, *.png)")
-        say(f"plan a budget: protscale plan --budget-flops 1e11 --objective mlm --results {report / 'results.json'}")
+        say(f"plan a budget: protscale plan --budget-flops 1e10 --objective mlm --results {report / 'results.json'}")
     total = time.perf_counter() - start
     from ..tracking.provenance import experiment_hint
 

@@ -24,7 +24,7 @@ import runpy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..cli import UserError
+from ..errors import UserError
 from ..model.sizes import SIZES, get_size, tokens_for_budget
 
 

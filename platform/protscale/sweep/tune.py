@@ -11,7 +11,6 @@ Transfer trials (an MLM initialised from a CLM trial) run in a second wave, afte
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -35,7 +34,8 @@ def run_one(config: dict) -> None:
     """The Tune trainable: one trial, tracked as a child run of the sweep. A finished run of the same
     name *and identity* (``trial_hash``) is not trained again; a run of that name under another config
     is left as it is and the trial trains in a new run (``runs.start_run``)."""
-    from ..train.trial import finish, identify, prepare_run, trainer
+    from ..train.checkpoint import CheckpointStorageError
+    from ..train.trial import failure_reason, finish, identify, prepare_run, trainer
 
     cfg = TrialConfig.from_dict(config["trial"])
     if config.get("parent"):
@@ -53,9 +53,30 @@ def run_one(config: dict) -> None:
     cfg = prepare_run(cfg, parent_run_id=config["sweep_run_id"])
     start = time.perf_counter()
     n = config["workers"]
-    result = trainer(cfg, (n, n), config["storage"], max_failures=1, use_gpu=config["gpu"] and n > 0).fit()
-    outcome = finish(cfg, result, time.perf_counter() - start)
+    try:
+        result = trainer(cfg, (n, n), config["storage"], max_failures=1, use_gpu=config["gpu"] and n > 0).fit()
+        outcome = finish(cfg, result, time.perf_counter() - start, config["storage"])
+    except Exception as exc:
+        # Closed as failed with its reason; Tune retries it (re-opening the same run) up to the sweep's
+        # max_failures, except where no retry can help: the checkpoint storage refused a write.
+        reason = failure_reason(exc)
+        runs.finish_run(cfg.tracking_uri, cfg.run_id, c.STATUS_FAILED, reason)
+        if _caused_by(exc, CheckpointStorageError):
+            print(f"{cfg.name}: failed, not retried: {reason}", flush=True)
+            return
+        raise
     print(outcome.summary(cfg.name), flush=True)
+
+
+def _caused_by(exc: BaseException, kind: type) -> bool:
+    """Whether ``kind`` is in the chain of ``exc`` (its causes and contexts)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _parent_run(cfg: TrialConfig, parent: str, parent_hash: str | None) -> str | None:
@@ -132,14 +153,13 @@ def _run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool
                 # trial process fails in the next trial's deepspeed.initialize ("group not registered").
                 tune_config=tune.TuneConfig(metric=c.VAL_LOSS, mode="min",
                                             max_concurrent_trials=space.max_concurrent or None),
-                # Checkpoints are for resuming a trial only (its final weights are in MLflow): a finished
-                # wave keeps each trial's latest (_prune_checkpoints).
+                # No checkpoints reach Tune: each trial keeps its own, at most checkpoint.KEEP of them
+                # (Train's for a worker group, checkpoint.TrialStore in local mode).
                 run_config=tune.RunConfig(name=name, storage_path=_join(storage, space.name), verbose=1,
                                           failure_config=tune.FailureConfig(max_failures=max_failures),
                                           callbacks=[TuneEvents()]))
         with monitor.tuning():          # Tune's tables go to the sweep's log (unless --verbose)
             tuner.fit()
-        _prune_checkpoints(path)
         done = _finished_trials(tracking_uri, space.name, hashes)
         statuses.update({t.name: done.get(t.name, c.STATUS_FAILED) for t in trials})
     ok = all(s == c.STATUS_COMPLETED for s in statuses.values())
@@ -175,19 +195,6 @@ def _waves(space: SearchSpace, tracking_uri: str, hashes: dict[str, str]):
         if earlier:
             yield "adaptive-earlier", earlier
     yield "wave1", [t for t in space.trials if t.parent]
-
-
-def _prune_checkpoints(wave_path: str) -> None:
-    """Keep only the latest Tune checkpoint of each trial of a finished wave. Not Tune's
-    ``CheckpointConfig(num_to_keep=...)``: Tune deletes a trial's older checkpoint before its experiment
-    snapshot names the newer one, so a driver killed in between leaves a sweep that ``--resume`` cannot
-    restore (seen in tests/test_sweep.py's killed-sweep test). A finished wave is never resumed mid-trial.
-    Local storage only; on object storage the wave keeps every checkpoint."""
-    if "://" in wave_path:
-        return
-    for trial_dir in Path(wave_path).glob("protscale_trial_*"):
-        for old in sorted(trial_dir.glob("checkpoint_*"))[:-1]:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _join(storage: str, *parts: str) -> str:

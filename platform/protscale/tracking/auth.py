@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from protscale.cli import UserError
+from protscale.errors import UserError
 
 CREDENTIAL_VARS = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
 

@@ -44,7 +44,7 @@ def add_commands(sub) -> None:
 def _import_tb_csv(args) -> int:
     from pathlib import Path
 
-    from protscale.cli import UserError
+    from protscale.errors import UserError
 
     from . import contract
     from .import_tb import import_tb_csv, load_size_map

@@ -47,9 +47,10 @@ TOKENS = "tokens"                  # cumulative training tokens (unpadded)
 FLOPS = "flops"                    # cumulative training FLOPs, 6·N·tokens (non-embedding N)
 TOKENS_PER_S = "tokens_per_s"
 MFU = "mfu"
-LR = "lr"
+LR = "lr"                          # the learning rate the optimizer applied at this step
+WORLD_SIZE = "world_size"          # workers (data-parallel ranks) that ran this step: changes on an elastic resize
 
-TRIAL_METRICS = (TRAIN_LOSS, VAL_LOSS, TEST_LOSS, TOKENS, FLOPS, TOKENS_PER_S, MFU, LR)
+TRIAL_METRICS = (TRAIN_LOSS, VAL_LOSS, TEST_LOSS, TOKENS, FLOPS, TOKENS_PER_S, MFU, LR, WORLD_SIZE)
 
 # --- tags -----------------------------------------------------------------------------------------
 SWEEP = "sweep"
@@ -61,6 +62,7 @@ PARENT_RUN_ID = "mlflow.parentRunId"
 BUDGET_SOURCE = "budget_source"    # importer: where budget_flops came from: name | tokens_target | curve_end
 DEFECTS = "defects"                # comma-separated data defects found by an importer ("" = none)
 SUPERSEDED_BY = "superseded_by"    # on an older run of a trial name: the run of the trial's current identity
+FAILURE_REASON = "failure_reason"  # on a failed trial: why, in one line (the error that ended it)
 
 STATUS_RUNNING, STATUS_COMPLETED, STATUS_DIVERGED, STATUS_FAILED = "running", "completed", "diverged", "failed"
 STATUSES = (STATUS_RUNNING, STATUS_COMPLETED, STATUS_DIVERGED, STATUS_FAILED)

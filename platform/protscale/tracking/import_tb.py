@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from protscale.cli import UserError
+from protscale.errors import UserError
 
 from . import contract as c
 from .runs import experiment_id

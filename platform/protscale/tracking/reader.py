@@ -65,7 +65,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from protscale.cli import UserError
+from protscale.errors import UserError
 
 from . import contract as c
 

@@ -94,9 +94,12 @@ def start_run(tracking_uri: str, experiment: str, name: str, params: dict, tags:
     return run_id
 
 
-def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
-    """Tag the trial's outcome (completed / diverged / failed) and close the MLflow run."""
+def finish_run(tracking_uri: str, run_id: str, status: str, reason: str = "") -> None:
+    """Tag the trial's outcome (completed / diverged / failed) and close the MLflow run; a failed run
+    also gets ``failure_reason``, one line."""
     cl = client(tracking_uri)
+    if reason:
+        cl.set_tag(run_id, c.FAILURE_REASON, " ".join(reason.split())[:500])
     cl.set_tag(run_id, c.STATUS, status)
     cl.set_terminated(run_id, status="FINISHED" if status == c.STATUS_COMPLETED else "FAILED")
 

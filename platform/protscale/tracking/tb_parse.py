@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protscale.cli import UserError
+from protscale.errors import UserError
 from protscale.model.sizes import PAPER_SIZES
 
 from . import contract as c

@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from protscale.cli import UserError
+from protscale.errors import UserError
 
 from . import contract as c
 from .tb_parse import DEFAULT_SIZE_MAP, Export, Finding, parse_export, size_value

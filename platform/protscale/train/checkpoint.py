@@ -5,8 +5,9 @@ Layout of one checkpoint directory (Ray merges the ranks' folders into one):
     ckpt/                 DeepSpeed's own files (model + optimizer + scheduler; ZeRO shards per rank)
     trial_state.json      step, cumulative tokens, and the layout it was written with: world size,
                           ZeRO stage, bf16
-    weights.pt            consolidated model weights (final checkpoint only): logged as the run's
-                          MLflow model by rank 0 (``loop.log_final_model``)
+
+The final weights are not part of a checkpoint: they go from the engine straight to the run's MLflow
+model (``loop.log_final_model``).
 
 Elastic resume. What a checkpoint holds depends on the layout it was written with:
 
@@ -17,6 +18,13 @@ Elastic resume. What a checkpoint holds depends on the layout it was written wit
   the world size that wrote them. At another world size (or another ZeRO stage ≥ 1, or precision) the
   checkpoint is first converted to DeepSpeed's *universal* form (one file per parameter and state,
   independent of the partitioning), which any layout loads.
+
+Where checkpoints are kept. A worker group reports each checkpoint through ``ray.train.report`` and Ray
+Train keeps the latest ``KEEP`` under ``<storage>/<trial>-<hash>/``. Train's local mode (a CPU
+trial inside a Tune trial, ``num_workers=0``) reports to Tune, which would keep *every* checkpoint of the
+trial until the sweep ends: pruning them safely would need to know which one Tune's last experiment
+snapshot names. So there the trial keeps its own (:class:`TrialStore`), in the same place, the same way,
+and Tune gets metrics only; a Tune trial restarted after a crash or a ``--resume`` finds it there.
 
 With remote storage each node (or each rank) restores from its own local copy of the checkpoint, so
 every rank makes sure *its* copy is converted: the conversion is idempotent, serialised by a file lock
@@ -36,19 +44,24 @@ from pathlib import Path
 
 import torch
 
-from ..cli import UserError
+from ..errors import UserError
 
+KEEP = 2                            # checkpoints kept per trial: the latest, and the one before
 TAG = "ckpt"
 UNIVERSAL = TAG + "_universal"      # the universal conversion, beside TAG in the same checkpoint copy
 STATE = "trial_state.json"
-WEIGHTS = "weights.pt"
 
 
 class CheckpointLayoutError(UserError):
     """A checkpoint whose optimizer state cannot be carried into this trial's engine."""
 
 
-def save(engine, state: dict, rank: int, final: bool) -> str:
+class CheckpointStorageError(UserError):
+    """The trial's checkpoint storage refused a write (full, read-only, gone): the trial cannot go on
+    without losing what a restart would need, so it fails instead of being retried."""
+
+
+def save(engine, state: dict, rank: int) -> str:
     """Every rank writes its part into a fresh local directory; returns it (report it, then delete it).
 
     The layout the engine trains with is recorded in ``trial_state.json`` beside ``state``, so that a
@@ -61,13 +74,72 @@ def save(engine, state: dict, rank: int, final: bool) -> str:
     # Pure data parallelism: the universal converter needs no parameter patterns, only its version key.
     info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
     engine.save_checkpoint(path, tag=TAG, client_state={"trial_state": state, UNIVERSAL_CHECKPOINT_INFO: info})
-    if final:
-        weights = consolidated_state_dict(engine)
-        if rank == 0:
-            torch.save(weights, Path(path) / WEIGHTS)
     if rank == 0:
         (Path(path) / STATE).write_text(json.dumps(state))
     return path
+
+
+class TrialStore:
+    """A trial's checkpoints at ``root`` (a local path or a URI), for Train's local mode inside Tune.
+
+    ``checkpoint_<step>`` directories; one is complete once its ``.complete`` marker exists (written
+    after every other file, so a checkpoint cut off by a crash is never resumed from). Only the trial
+    itself writes and reads here: after a new checkpoint is complete it deletes all but the latest
+    ``keep``, so the storage a trial holds is bounded by ``keep`` checkpoints however long it runs."""
+
+    MARKER = ".complete"
+
+    def __init__(self, root: str, keep: int = KEEP):
+        from ..data.storage import locate
+
+        self.root, self.keep = locate(root), keep
+
+    def _complete(self) -> list[tuple[int, str]]:
+        steps = []
+        for name in self.root.listdir():
+            if name.startswith("checkpoint_") and name[len("checkpoint_"):].isdigit() and \
+                    self.root.join(name, self.MARKER).exists():
+                steps.append((int(name[len("checkpoint_"):]), name))
+        return sorted(steps)
+
+    def latest(self):
+        """The newest complete checkpoint as a ``ray.train.Checkpoint`` (``as_directory()`` gives a local
+        copy of a remote one), or None."""
+        import ray.train
+
+        done = self._complete()
+        if not done:
+            return None
+        where = self.root.join(done[-1][1])
+        return ray.train.Checkpoint(where.path, filesystem=where.fs)
+
+    def persist(self, local_dir: str, step: int) -> None:
+        """Copy the checkpoint written to ``local_dir`` into the store as step ``step``, mark it complete,
+        then delete what it supersedes (older complete ones beyond ``keep``, and unfinished ones)."""
+        import pyarrow.fs as pafs
+
+        target = self.root.join(f"checkpoint_{step:09d}")
+        target.remove()                          # a leftover of a crash at this same step
+        target.mkdir()
+        pafs.copy_files(local_dir, target.path, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=target.fs)
+        target.join(self.MARKER).write_bytes(b"")
+        done = self._complete()
+        keep = {name for _, name in done[-self.keep:]}
+        for name in self.root.listdir():
+            if name.startswith("checkpoint_") and name not in keep:
+                self.root.join(name).remove()
+
+
+def discard(root: str) -> None:
+    """Delete the checkpoints under a trial's ``root`` (Train's ``checkpoint_*`` folders, or a
+    :class:`TrialStore`'s), leaving whatever else is there."""
+    from ..data.storage import locate
+
+    where = locate(root)
+    for name in where.listdir():
+        if name.startswith("checkpoint_"):
+            where.join(name).remove()
 
 
 def layout(engine) -> dict:
@@ -199,16 +271,21 @@ def _describe(zero_stage: int, bf16: bool) -> str:
     return f"ZeRO-{zero_stage} {'bf16' if bf16 else 'fp32'}"
 
 
-def consolidated_state_dict(engine) -> dict:
-    """Full model weights on every rank (gathers ZeRO-3 partitions)."""
+def consolidated_state_dict(engine, rank: int = 0) -> dict:
+    """The full model weights, in the dtype the model trains in (bf16 on GPUs), on the CPU of ``rank``
+    0; other ranks get {}. Every rank must call it: under ZeRO-3 it gathers the partitions (a
+    collective). One copy on one host: 21 GB for the paper's 10.7B model in bf16."""
     if engine.zero_optimization_stage() == 3:
-        return engine._zero3_consolidated_16bit_state_dict()
+        weights = engine._zero3_consolidated_16bit_state_dict()      # gathered on rank 0 only
+        return weights if rank == 0 else {}
+    if rank != 0:
+        return {}
     return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
 
 
 def load_weights(tracking_uri: str, run_id: str) -> dict:
     """Final model weights of a finished trial, from the MLflow model of its run (for CLM→MLM transfer;
-    ``model/registry.py`` logs it when the trial finishes)."""
-    from ..model.registry import load_model
+    ``tracking/models.py`` logs it when the trial finishes)."""
+    from ..tracking.models import load_model
 
     return load_model(tracking_uri, run_id).state_dict()

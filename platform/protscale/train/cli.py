@@ -79,7 +79,7 @@ def add_config_flags(parser) -> None:
 def config_from_args(args, **fields):
     """The ``TrialConfig`` of parsed flags (``fields`` override them); a bad value is a ``UserError``
     naming its flag."""
-    from ..cli import UserError
+    from ..errors import UserError
     from .config import TrialConfig
 
     values = {}
@@ -101,7 +101,7 @@ def config_from_args(args, **fields):
 
 
 def parse_workers(text: str) -> tuple[int, int]:
-    from ..cli import UserError
+    from ..errors import UserError
 
     try:
         lo, _, hi = text.partition(":")
@@ -116,7 +116,7 @@ def parse_workers(text: str) -> tuple[int, int]:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..cli import UserError
+    from ..errors import UserError
     from ..tracking.contract import default_tracking_uri, resolve_tracking_uri
 
     from ..data.shards import read_manifest

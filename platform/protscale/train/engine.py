@@ -20,6 +20,8 @@ def build_engine(cfg: TrialConfig, plan, device: torch.device, universal: bool, 
     """The trial's model and AdamW optimizer (the paper's recipe) as a DeepSpeed engine."""
     import deepspeed
 
+    _skip_shm_op()
+
     # Built directly on a GPU: initialising billions of parameters on the host first takes minutes.
     with torch.device(device if device.type == "cuda" else "cpu"):
         model = ProteinLM(ModelConfig.from_size(cfg.model_size, cfg.objective, cfg.attention,
@@ -56,6 +58,17 @@ def build_engine(cfg: TrialConfig, plan, device: torch.device, universal: bool, 
         # CPU the compile time outweighs any gain for trial-sized runs, hence off by default.
         engine.compile()
     return engine
+
+
+def _skip_shm_op() -> None:
+    """Keep DeepSpeed from building its CPU shared-memory all-reduce op when it sets up communication.
+    Trials all-reduce through ``torch.distributed`` and never use it, and the build (torch's JIT C++
+    extension) runs under a lock file in ``~/.cache/torch_extensions``: a worker killed while holding it
+    (a lost node, an OOM kill; found by tests/test_chaos.py) leaves the lock behind, and every later
+    trial on that machine then waits for it forever."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def init_process_group(world: int, device: torch.device) -> None:

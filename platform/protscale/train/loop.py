@@ -2,8 +2,9 @@
 
 The model and optimizer are a DeepSpeed engine over the process group Ray Train created (gloo on CPU,
 NCCL on GPU). Every ``eval_every`` steps: evaluation on IID validation and OOD test, metrics to MLflow
-(rank 0), a checkpoint through ``ray.train.report``. A restarted worker group resumes from the latest
-checkpoint and re-attaches to the same MLflow run.
+(rank 0), a checkpoint through ``ray.train.report`` (in Train's local mode inside Tune, into the trial's
+own ``checkpoint.TrialStore``). A restarted trial resumes from the latest checkpoint and re-attaches to
+the same MLflow run.
 
 Data: the splits are streamed (``shards.SplitReader``); a background thread builds and copies the next
 micro-batches (``batches.Prefetcher``). Inside a step nothing waits for the host: losses, token counts
@@ -22,6 +23,7 @@ against one plain full-batch pass).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -35,7 +37,7 @@ from ..model.sizes import FLOPS_CONVENTION, effective_context, peak_flops, train
 from ..tracking import contract as c
 from ..tracking import provenance
 from ..tracking.runs import MetricsLogger
-from . import checkpoint
+from . import checkpoint, faults
 from .batches import EVAL_STEP, Prefetcher, Schedule, build_batch, step_micro_batches
 from .config import TrialConfig
 from .engine import build_engine, init_process_group
@@ -60,7 +62,9 @@ def train_loop_per_worker(config: dict) -> None:
              for key, split in ((c.VAL_LOSS, "val"), (c.TEST_LOSS, "test")) if _has_split(manifest, split)}
     plan = Plan(cfg, train.seq_len, world)
 
-    ckpt = session.get_checkpoint()
+    # Train's local mode inside Tune: the trial keeps its own checkpoints (``checkpoint.TrialStore``).
+    store = checkpoint.TrialStore(cfg.checkpoint_dir) if session.__name__ == "ray.tune" and cfg.checkpoint_dir else None
+    ckpt = store.latest() if store else session.get_checkpoint()
 
     # Transfer weights go into the model *before* DeepSpeed wraps it: with bf16 or ZeRO the optimizer
     # keeps fp32 master copies made at initialisation, which would overwrite weights loaded later.
@@ -89,13 +93,13 @@ def train_loop_per_worker(config: dict) -> None:
     prefetch = Prefetcher(source, device, depth=max(2, min(plan.accumulation + 1, 8)))
     try:
         with provenance.system_metrics(cfg.tracking_uri, cfg.run_id, enabled=rank == 0):   # rank 0's node
-            _train(cfg, session, engine, plan, prefetch, evals, state, logger, rank, world, device,
+            _train(cfg, session, store, engine, plan, prefetch, evals, state, logger, rank, world, device,
                    flops_per_token, peak)
     finally:
         prefetch.close()
 
 
-def _train(cfg, session, engine, plan, prefetch, evals, state, logger, rank, world, device,
+def _train(cfg, session, store, engine, plan, prefetch, evals, state, logger, rank, world, device,
            flops_per_token, peak) -> None:
     interval_start, interval_tokens = time.perf_counter(), state["tokens"]
     step_losses, step_counts, step_lrs = [], [], []
@@ -106,6 +110,7 @@ def _train(cfg, session, engine, plan, prefetch, evals, state, logger, rank, wor
         step_lrs.append(lr)
         state["step"] = step
         _maybe_inject_failure(cfg, step)
+        faults.point("train_step", step)
 
         if step % plan.eval_every and step != plan.steps:
             continue
@@ -121,22 +126,40 @@ def _train(cfg, session, engine, plan, prefetch, evals, state, logger, rank, wor
         if logger:
             tokens = state["tokens"]
             for i, value in enumerate(train_losses):
-                logger.log(first + i, {c.TRAIN_LOSS: value, c.LR: step_lrs[i]})
+                logger.log(first + i, {c.TRAIN_LOSS: value, c.LR: step_lrs[i], c.WORLD_SIZE: world})
             logger.log(step, {**eval_losses, c.TOKENS: tokens, c.FLOPS: 6.0 * cfg.model_size.n_params_non_embedding * tokens,
                               c.TOKENS_PER_S: tokens_per_s,
                               c.MFU: tokens_per_s * flops_per_token / (peak * world) if peak else None})
             logger.flush()
+            faults.point("after_metrics_flush", step)
             _progress(cfg, step, plan.steps, train_losses[-1], eval_losses, state["tokens"], tokens_per_s)
         final = step == plan.steps or diverged
-        path = checkpoint.save(engine, dict(state), rank, final=final)
-        if final and logger and not diverged:
-            log_final_model(cfg, path)
+        path = checkpoint.save(engine, dict(state), rank)
+        if final and not diverged:
+            weights = checkpoint.consolidated_state_dict(engine, rank)     # every rank: ZeRO-3 gathers
+            if logger:
+                log_final_model(cfg, weights)
+            del weights
         # To Tune (directly in local mode, through ``TuneReportCallback`` from a worker group), which ranks
         # trials by val_loss: NaN when the data has no validation split.
         report = {"step": step, "tokens": state["tokens"], c.TRAIN_LOSS: train_losses[-1], c.VAL_LOSS: float("nan"),
                   **eval_losses, "diverged": diverged}
-        session.report(report, checkpoint=session.Checkpoint.from_directory(path))
+        faults.point("before_report", step)
+        try:
+            if store:
+                store.persist(path, step)
+                session.report(report)
+            else:
+                session.report(report, checkpoint=session.Checkpoint.from_directory(path))
+        except OSError as exc:          # disk full, read-only, gone: no retry brings the storage back
+            raise checkpoint.CheckpointStorageError(
+                f"checkpoint of step {step} could not be written to {cfg.checkpoint_dir or 'Ray storage'}: "
+                f"{_one_line(exc)}; free space or fix the storage (--storage), then run again to resume from "
+                "the last checkpoint") from None
         shutil.rmtree(path, ignore_errors=True)
+        if not store:
+            _await_registration(session)
+        _hold(cfg, step, rank)
         if diverged:
             if logger:
                 logger.client.set_tag(cfg.run_id, c.STATUS, c.STATUS_DIVERGED)
@@ -145,20 +168,21 @@ def _train(cfg, session, engine, plan, prefetch, evals, state, logger, rank, wor
         step_losses, step_counts, step_lrs = [], [], []
 
 
-def log_final_model(cfg: TrialConfig, checkpoint_dir: str) -> None:
-    """The final weights (consolidated in the final checkpoint) as the MLflow model of the trial's run,
-    once: a worker group restarted after logging it does not log a second one."""
-    from ..model import registry
+def log_final_model(cfg: TrialConfig, weights: dict) -> None:
+    """The final weights as the MLflow model of the trial's run, in the dtype they trained in, once: a
+    worker group restarted after logging it does not log a second one. The module is built on the meta
+    device and takes the tensors as they are (no second, fp32 copy of a 10.7B model on the host)."""
     from ..model.transformer import ModelConfig, ProteinLM
+    from ..tracking import models
     from ..tracking.runs import client
 
     run = client(cfg.tracking_uri).get_run(cfg.run_id)
     if run.outputs and run.outputs.model_outputs:
         return
-    model = ProteinLM(ModelConfig.from_size(cfg.model_size, cfg.objective))
-    model.load_state_dict(torch.load(os.path.join(checkpoint_dir, checkpoint.WEIGHTS), map_location="cpu",
-                                     weights_only=True))
-    registry.log_model(cfg.tracking_uri, cfg.run_id, model)
+    with torch.device("meta"):
+        model = ProteinLM(ModelConfig.from_size(cfg.model_size, cfg.objective))
+    model.load_state_dict(weights, assign=True)
+    models.log_model(cfg.tracking_uri, cfg.run_id, model)
 
 
 def train_step(engine, micro_batches, accumulation: int, world: int):
@@ -280,6 +304,40 @@ def _maybe_inject_failure(cfg: TrialConfig, step: int) -> None:
     if cfg.fail_at_step and step == cfg.fail_at_step and cfg.fail_marker and not os.path.exists(cfg.fail_marker):
         open(cfg.fail_marker, "w").close()
         os._exit(1)
+
+
+def _await_registration(session) -> None:
+    """Return once Train's controller has collected this worker's last report. Ray Train 2.60 hands a
+    report to the controller only at its next poll of the workers (every 2 s); a worker group that fails
+    before then (a node lost just after a checkpoint) restarts from the checkpoint *before* it, and
+    retrains the steps between. Found by ``tests/test_elastic_live.py``: a shrink resumed 5 steps back."""
+    if session.__name__ != "ray.train":
+        return
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    try:
+        reports = get_train_context().execution_context.result_queue
+    except RuntimeError:                # Train's local mode: no controller, nothing to wait for
+        return
+    reports.join()                      # the controller's poll takes the report and marks it done
+
+
+def _hold(cfg: TrialConfig, step: int, rank: int) -> None:
+    """For tests that change the cluster at a known point: while ``cfg.hold_file`` exists, every rank
+    waits here, just after a checkpoint; rank 0 writes the step into the file (never creating it)."""
+    if not cfg.hold_file or not os.path.exists(cfg.hold_file):
+        return
+    if rank == 0:
+        with contextlib.suppress(FileNotFoundError), open(cfg.hold_file, "r+") as f:
+            f.write(str(step))
+            f.truncate()
+    while os.path.exists(cfg.hold_file):
+        time.sleep(0.2)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
 def _progress(cfg, step, steps, train_loss, eval_losses, tokens, tokens_per_s) -> None:

@@ -29,7 +29,7 @@ import functools
 import math
 from dataclasses import dataclass
 
-from ..cli import UserError
+from ..errors import UserError
 
 GB = 1e9                          # GPU memory is sold in GB (80 GB H100 ≈ 79.6 GiB usable: see HEADROOM)
 

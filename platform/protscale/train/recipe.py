@@ -25,7 +25,7 @@ _TINY_LR = 5e-3            # CPU-sized models (< 2M) get off the unigram plateau
 
 def peak_lr(size: ModelSize) -> float:
     n = size.n_params_non_embedding
-    if n < 3e6 and size.name.startswith(("tiny", "micro")):
+    if n < 3e6 and size.name.startswith(("tiny", "micro", "nano")):
         return _TINY_LR
     return next(lr for bound, lr in _LR_BY_SIZE if n < bound)
 

@@ -6,16 +6,18 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..data.shards import read_manifest
 from ..tracking import contract as c
 from ..tracking import provenance, runs
+from . import checkpoint
 from .config import TrialConfig, trial_name
 from .loop import trial_params, train_loop_per_worker
 
-CHECKPOINTS = 2         # checkpoints Train keeps per trial: the latest to resume from, and the one before
+RESIZE_CHECK_S = 60.0     # an elastic trial looks at the cluster's resources this often (Ray's default)
+
 
 
 @dataclass
@@ -23,7 +25,6 @@ class TrialResult:
     run_id: str
     status: str
     metrics: dict
-    checkpoint: str | None          # path of the final checkpoint (for transfer trials)
     wall_s: float
 
     def summary(self, name: str) -> str:
@@ -46,7 +47,7 @@ def connect_ray(address: str | None = None) -> None:
             ray.init(address=address, include_dashboard=None if address else True,
                      logging_level="WARNING", log_to_driver=True)
         except Exception as exc:    # no Ray to run on: one line, not Ray's traceback
-            from ..cli import UserError
+            from ..errors import UserError
 
             raise UserError(f"Ray {'at ' + address if address else '(local)'} did not start or answer: "
                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; run again (a loaded "
@@ -88,8 +89,10 @@ def identify(cfg: TrialConfig) -> str:
 
 
 def trainer(cfg: TrialConfig, workers: tuple[int, int], storage: str, max_failures: int,
-            use_gpu: bool = False, callbacks=()):
-    """The Ray Train ``TorchTrainer`` of one trial (``workers=(0, 0)``: Train's local mode)."""
+            use_gpu: bool = False, callbacks=(), resize_check_s: float = RESIZE_CHECK_S):
+    """The Ray Train ``TorchTrainer`` of one trial (``workers=(0, 0)``: Train's local mode). An elastic
+    range (``lo < hi``) restarts the worker group at a new size when the cluster's resources change,
+    looked at every ``resize_check_s`` seconds; the run resumes from its latest checkpoint."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -97,17 +100,52 @@ def trainer(cfg: TrialConfig, workers: tuple[int, int], storage: str, max_failur
     num_workers = hi if lo == hi else (lo, hi)
     if lo != hi:
         cfg = elastic_config(cfg, lo)
+    cfg = replace(cfg, checkpoint_dir=checkpoint_dir(cfg, storage))
+    storage, name = cfg.checkpoint_dir.rsplit("/", 1)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               elastic_resize_monitor_interval_s=resize_check_s),
         run_config=ray.train.RunConfig(
-            name=f"{cfg.name}-{cfg.trial_hash[:8]}" if cfg.trial_hash else cfg.name,   # checkpoints of this config only
-            storage_path=storage if "://" in storage else str(Path(storage).resolve()),
+            name=name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=3),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS),
-            callbacks=[*callbacks, *(_tune_report() if hi > 0 else [])]),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=checkpoint.KEEP),
+            callbacks=[*callbacks, *(_tune_report() if hi > 0 else []),
+                       *([_fresh_node_view()] if lo != hi else [])]),
     )
+
+
+def checkpoint_dir(cfg: TrialConfig, storage: str) -> str:
+    """``<storage>/<name>-<hash>``: the trial's checkpoints (Ray Train's run folder, or the trial's own
+    ``checkpoint.TrialStore`` in local mode). The identity hash in the name keeps another config of the
+    same trial from resuming them."""
+    name = f"{cfg.name}-{cfg.trial_hash[:8]}" if cfg.trial_hash else cfg.name
+    storage = storage.rstrip("/") if "://" in storage else str(Path(storage).resolve())
+    return f"{storage}/{name}"
+
+
+def _fresh_node_view():
+    """A controller callback of elastic trials. Ray Train 2.60 sizes a restarted worker group from the
+    AutoscalingCoordinator's view of the nodes, which it refreshes every 20 s: right after a node is
+    lost that view still counts it, so Train asks for a group that cannot be placed, waits 60 s for it
+    and books a controller failure (3 end the trial). Found by ``tests/test_elastic_live.py``. When a
+    worker group fails, this refreshes the view first (and lets the policy's 1 s cache of it lapse)."""
+    import ray
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator)
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class FreshNodeView(ControllerCallback):
+        def before_controller_execute_failure_decision(self, failure_decision):
+            try:
+                coordinator = get_or_create_autoscaling_coordinator()
+                ray.get(coordinator.get_reserved_resources.remote("protscale", recompute=True), timeout=10)
+                time.sleep(1.1)
+            except Exception:           # best effort: without it Train still recovers, a minute later
+                pass
+
+    return FreshNodeView()
 
 
 def _tune_report() -> list:
@@ -138,27 +176,57 @@ def elastic_config(cfg: TrialConfig, min_workers: int) -> TrialConfig:
 
 
 def run_trial(cfg: TrialConfig, workers: tuple[int, int] = (1, 1), storage: str = "runs",
-              max_failures: int = 2, use_gpu: bool = False, parent_run_id: str | None = None) -> TrialResult:
+              max_failures: int = 2, use_gpu: bool = False, parent_run_id: str | None = None,
+              resize_check_s: float = RESIZE_CHECK_S) -> TrialResult:
     cfg = prepare_run(cfg, parent_run_id)
     start = time.perf_counter()
     try:
-        result = trainer(cfg, workers, storage, max_failures, use_gpu).fit()
-    except Exception:
-        runs.finish_run(cfg.tracking_uri, cfg.run_id, c.STATUS_FAILED)
+        result = trainer(cfg, workers, storage, max_failures, use_gpu, resize_check_s=resize_check_s).fit()
+    except Exception as exc:
+        runs.finish_run(cfg.tracking_uri, cfg.run_id, c.STATUS_FAILED, failure_reason(exc))
         raise
-    return finish(cfg, result, time.perf_counter() - start)
+    return finish(cfg, result, time.perf_counter() - start, storage)
 
 
-def finish(cfg: TrialConfig, result, wall_s: float) -> TrialResult:
+def finish(cfg: TrialConfig, result, wall_s: float, storage: str) -> TrialResult:
     """Close the MLflow run with the trial's outcome; its latest metrics come from the run itself (in
-    Train's local mode inside Tune, ``Result.metrics`` is empty: the reports went to Tune)."""
+    Train's local mode inside Tune, ``Result.metrics`` is empty: the reports went to Tune). A trial that
+    ended (completed or diverged) needs its checkpoints no more: its final weights are its MLflow model,
+    and a finished run is never trained again. They are deleted once the run is closed (at the paper's
+    scale a 3.4B trial's checkpoint is ~48 GB: 14 bytes a parameter in bf16 with Adam)."""
     run = runs.client(cfg.tracking_uri).get_run(cfg.run_id)
+    reason = ""
     if result.error:
-        status = c.STATUS_FAILED
+        status, reason = c.STATUS_FAILED, failure_reason(result.error)
     elif run.data.tags.get(c.STATUS) == c.STATUS_DIVERGED:     # set by rank 0 when the loss went non-finite
         status = c.STATUS_DIVERGED
     else:
         status = c.STATUS_COMPLETED
-    runs.finish_run(cfg.tracking_uri, cfg.run_id, status)
-    ckpt = result.checkpoint.path if result.checkpoint else None
-    return TrialResult(cfg.run_id, status, dict(run.data.metrics), ckpt, wall_s)
+    runs.finish_run(cfg.tracking_uri, cfg.run_id, status, reason)
+    if status != c.STATUS_FAILED:
+        checkpoint.discard(checkpoint_dir(cfg, storage))
+    return TrialResult(cfg.run_id, status, dict(run.data.metrics), wall_s)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line on why a trial failed, for its ``failure_reason`` tag: the message of the first
+    ``UserError`` found in the error's chain (Ray wraps a worker's error in ``WorkerGroupError`` /
+    ``RayTaskError``), else the error's type and first line."""
+    from ..errors import UserError
+
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return _first_line(str(e.args[0]) if e.args else str(e))
+        todo += [e.__cause__, e.__context__, *getattr(e, "worker_failures", {}).values(),
+                 getattr(e, "cause", None)]
+    return f"{type(exc).__name__}: {_first_line(str(exc))}"
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[0][:500] if lines else "(no message)"

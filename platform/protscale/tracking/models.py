@@ -3,7 +3,8 @@ flavor) of its run, loadable with ``mlflow.pytorch.load_model("runs:/<run_id>/mo
 :func:`register_compute_optimal` registers the best trial of a sweep under a model name.
 
 The model is pickled (MLflow's ``pickle`` serialisation: the ``ProteinLM`` module itself, so loading
-needs protscale installed), in fp32 whatever precision it trained in.
+needs protscale installed) in the dtype it trained in: bf16 on GPUs (2 bytes a parameter: 21 GB for the
+paper's 10.7B), fp32 on CPUs.
 """
 
 from __future__ import annotations
@@ -45,12 +46,13 @@ def _quiet_mlflow(tracking_uri: str):
 
 
 def log_model(tracking_uri: str, run_id: str, model: torch.nn.Module) -> str:
-    """Log ``model`` (fp32, on the CPU, in eval mode) as the MLflow model of ``run_id``; returns its URI."""
+    """Log ``model`` (on the CPU, in eval mode, in its own dtype) as the MLflow model of ``run_id``;
+    returns its URI."""
     from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID
 
     from ..tracking.runs import client
 
-    model = model.float().cpu().eval()
+    model = model.cpu().eval()
     experiment_id = client(tracking_uri).get_run(run_id).info.experiment_id
     previous = os.environ.get(MLFLOW_EXPERIMENT_ID.name)
     # The logged model belongs to an experiment, which MLflow takes from the active run or this variable
@@ -78,7 +80,7 @@ def compute_optimal_run(tracking_uri: str, experiment: str, objective: str):
     """The trial of ``objective`` with the lowest ``val_loss`` at the largest compute budget of the sweep
     that has a completed trial with a logged model: the compute-optimal model the sweep has actually
     trained (rather than the size a fitted law predicts, which may not have been trained at all)."""
-    from ..cli import UserError
+    from ..errors import UserError
     from ..tracking.runs import client
 
     cl = client(tracking_uri)
