@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-fast bench venv clean
+.PHONY: demo test test-fast test-chaos bench venv clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,10 @@ demo: $(STAMP)
 ## The whole test suite (slow end-to-end tests included), as CI runs it.
 test: $(STAMP)
 	$(VENV)/bin/pytest -q -ra --durations=12 -n 3 --dist worksteal
+
+## The chaos suite: faults injected into a sweep on a 3-node Ray cluster (CI runs it after `make test`).
+test-chaos: $(STAMP)
+	$(VENV)/bin/pytest -q -ra -s -m chaos -p no:xdist tests/test_chaos.py
 
 ## Everything but the slow end-to-end tests.
 test-fast: $(STAMP)

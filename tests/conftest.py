@@ -54,10 +54,13 @@ def demo_data(tmp_path_factory, ray_local) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """``soak`` tests (hours of faults) run only when asked for: ``pytest -m soak``."""
-    if "soak" in (config.getoption("markexpr") or ""):
-        return
-    soak = [item for item in items if item.get_closest_marker("soak")]
-    if soak:
-        config.hook.pytest_deselected(items=soak)
-        items[:] = [item for item in items if not item.get_closest_marker("soak")]
+    """The chaos suite (a 3-node cluster, ~5 minutes of faults: ``make test-chaos``, its own CI step) and the
+    soak (hours) run only when selected: ``pytest -m chaos``, ``pytest -m soak``."""
+    wanted = config.getoption("markexpr") or ""
+    for marker in ("chaos", "soak"):
+        if marker in wanted:
+            continue
+        skip = [item for item in items if item.get_closest_marker(marker)]
+        if skip:
+            config.hook.pytest_deselected(items=skip)
+            items[:] = [item for item in items if not item.get_closest_marker(marker)]

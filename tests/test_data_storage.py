@@ -58,7 +58,7 @@ def test_prepare_to_and_from_s3(s3, tmp_path, capsys):
     assert m["sources"][0]["path"] == src and m["sources"][0]["records"] == 6000
     # only the dataset is left under the prefix: manifest + listed shards, no intermediate files
     listed = {f"datasets/demo-128/{s['file']}" for sp in m["splits"].values() for s in sp["shards"]}
-    assert keys(s3, "datasets/") == sorted(listed | {"datasets/demo-128/manifest.json"})
+    assert keys(s3, "datasets/demo-128/") == sorted(listed | {"datasets/demo-128/manifest.json"})
     assert shards.read_manifest(uri)["hash"] == m["hash"]
 
     # the same inputs prepared locally give the same rows: the URI changes where bytes go, nothing else

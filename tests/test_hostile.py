@@ -315,6 +315,12 @@ def test_a_few_cases_through_the_installed_entry_point(tmp_path):
 
 # --- Ctrl-C: nothing partial is left, and running again works -------------------------------------------
 
+def _sigint_default():
+    """As in a terminal's foreground job, Ctrl-C is delivered: a test run started in the background of a
+    non-interactive shell inherits SIGINT *ignored*, and Python then installs no KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_when(cmd: list[str], cwd: Path, ready, timeout_s: float = 300,
                     allow_exit: bool = False) -> tuple[int, str]:
     """Run ``cmd`` (in its own session, like a terminal's foreground job), send Ctrl-C (SIGINT to the
@@ -326,7 +332,8 @@ def _interrupt_when(cmd: list[str], cwd: Path, ready, timeout_s: float = 300,
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                                preexec_fn=_sigint_default)
     deadline = time.monotonic() + timeout_s
     try:
         while proc.poll() is None and time.monotonic() < deadline and not ready(log.read_text()):
@@ -385,7 +392,8 @@ def test_ctrl_c_during_import_and_fit_leaves_nothing_partial(tmp_path):
     imp = [str(PROTSCALE), "import", "tb-csv", str(logs), "--experiment", "paper", "--tracking-uri", uri]
     env = dict(os.environ)
     with open(tmp_path / "imp.out", "w") as out:
-        proc = subprocess.Popen(imp, cwd=tmp_path, stdout=out, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(imp, cwd=tmp_path, stdout=out, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                preexec_fn=_sigint_default)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline and "[2/" not in (tmp_path / "imp.out").read_text():
         time.sleep(0.1)
