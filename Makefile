@@ -33,7 +33,7 @@ demo: $(STAMP)
 
 ## The whole test suite (slow end-to-end tests included), as CI runs it.
 test: $(STAMP)
-	$(VENV)/bin/pytest -q -ra --durations=12 -n 3 --dist worksteal
+	$(VENV)/bin/pytest -q -ra --durations=12
 
 ## The chaos suite: faults injected into a sweep on a 3-node Ray cluster (CI runs it after `make test`).
 test-chaos: $(STAMP)
