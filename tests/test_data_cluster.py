@@ -25,7 +25,11 @@ TWO_NODES = textwrap.dedent("""
     from ray.cluster_utils import Cluster
     from protscale.data.prepare import prepare
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    import socket
+    with socket.socket() as s:        # the dashboard on a free port: 8265 may be the session Ray's
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "dashboard_port": port})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING")

@@ -70,7 +70,12 @@ CHILD = textwrap.dedent("""
             time.sleep(0.2)
 
     # Ray starts nodes from the main thread only (signal handlers): the trial runs in a thread.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    # The dashboard on a free port: 8265 may be taken by the test session's own Ray.
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dashboard_port = s.getsockname()[1]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "dashboard_port": dashboard_port})
     ray.init(address=cluster.address, logging_level="WARNING")
     t0 = time.time()
     worker = threading.Thread(target=trial, daemon=True)
