@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
 
@@ -79,7 +79,7 @@ class Location:
         try:
             return self.fs.get_file_info(self.path)
         except OSError as exc:
-            raise UserError(f"{self.uri}: cannot reach it: {_reason(exc)}") from None
+            raise UserError(f"{self.uri}: cannot reach it: {first_line(exc)}") from None
 
     def exists(self) -> bool:
         return self.info().type != pafs.FileType.NotFound
@@ -92,7 +92,7 @@ class Location:
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
         except OSError as exc:
-            raise UserError(f"{self.uri}: cannot list it: {_reason(exc)}") from None
+            raise UserError(f"{self.uri}: cannot list it: {first_line(exc)}") from None
         return sorted(i.base_name for i in infos)
 
     def read_text(self) -> str:
@@ -117,11 +117,6 @@ class Location:
             self.fs.delete_file(self.path)
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def locate(location: str | os.PathLike) -> Location:
     """The filesystem and path of a local path or URI (``s3://bucket/key``, ``gs://``, ``file://``)."""
     text = str(location)
@@ -131,7 +126,7 @@ def locate(location: str | os.PathLike) -> Location:
         try:
             fs, path = pafs.FileSystem.from_uri(text)
         except (OSError, ValueError, ImportError) as exc:
-            raise UserError(f"{text}: cannot open Google Cloud Storage: {_reason(exc)}") from None
+            raise UserError(f"{text}: cannot open Google Cloud Storage: {first_line(exc)}") from None
         return Location(fs, path.rstrip("/"), text.rstrip("/"))
     if text.startswith("file://"):
         text = text[len("file://"):]

@@ -37,6 +37,7 @@ from ..model.sizes import FLOPS_CONVENTION, effective_context, peak_flops, train
 from ..tracking import contract as c
 from ..tracking import provenance
 from ..tracking.runs import MetricsLogger
+from ..errors import first_line
 from . import checkpoint, faults
 from .batches import EVAL_STEP, Prefetcher, Schedule, build_batch, step_micro_batches
 from .config import TrialConfig
@@ -154,7 +155,7 @@ def _train(cfg, session, store, engine, plan, prefetch, evals, state, logger, ra
         except OSError as exc:          # disk full, read-only, gone: no retry brings the storage back
             raise checkpoint.CheckpointStorageError(
                 f"checkpoint of step {step} could not be written to {cfg.checkpoint_dir or 'Ray storage'}: "
-                f"{_one_line(exc)}; free space or fix the storage (--storage), then run again to resume from "
+                f"{type(exc).__name__}: {first_line(exc, 300)}; free space or fix the storage (--storage), then run again to resume from "
                 "the last checkpoint") from None
         shutil.rmtree(path, ignore_errors=True)
         if not store:
@@ -333,11 +334,6 @@ def _hold(cfg: TrialConfig, step: int, rank: int) -> None:
             f.truncate()
     while os.path.exists(cfg.hold_file):
         time.sleep(0.2)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
 def _progress(cfg, step, steps, train_loss, eval_losses, tokens, tokens_per_s) -> None:

@@ -212,7 +212,7 @@ def failure_reason(exc: BaseException) -> str:
     """One line on why a trial failed, for its ``failure_reason`` tag: the message of the first
     ``UserError`` found in the error's chain (Ray wraps a worker's error in ``WorkerGroupError`` /
     ``RayTaskError``), else the error's type and first line."""
-    from ..errors import UserError
+    from ..errors import UserError, first_line
 
     todo, seen = [exc], set()
     while todo:
@@ -221,12 +221,7 @@ def failure_reason(exc: BaseException) -> str:
             continue
         seen.add(id(e))
         if isinstance(e, UserError):
-            return _first_line(str(e.args[0]) if e.args else str(e))
+            return first_line(str(e.args[0]) if e.args else str(e))
         todo += [e.__cause__, e.__context__, *getattr(e, "worker_failures", {}).values(),
                  getattr(e, "cause", None)]
-    return f"{type(exc).__name__}: {_first_line(str(exc))}"
-
-
-def _first_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[0][:500] if lines else "(no message)"
+    return f"{type(exc).__name__}: {first_line(str(exc))}"
