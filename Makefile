@@ -31,11 +31,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/protscale demo
 
-## The whole test suite (slow end-to-end tests included), as CI runs it.
+## The whole test suite (slow end-to-end tests and the chaos suite included), as CI runs it: two
+## pytest-xdist workers (most of a test's wall time is waiting on Ray, MLflow or a subprocess); the
+## multi-node cluster tests run one after another on one of them (tests/conftest.py).
 test: $(STAMP)
-	$(VENV)/bin/pytest -q -ra --durations=12
+	$(VENV)/bin/pytest -q -ra --durations=12 -n 2 --dist loadgroup
 
-## The chaos suite: faults injected into a sweep on a 3-node Ray cluster (CI runs it after `make test`).
+## The chaos suite alone: faults injected into a sweep on a 3-node Ray cluster, its figures printed.
 test-chaos: $(STAMP)
 	$(VENV)/bin/pytest -q -ra -s -m chaos -p no:xdist tests/test_chaos.py
 

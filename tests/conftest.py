@@ -53,14 +53,47 @@ def demo_data(tmp_path_factory, ray_local) -> Path:
     return out
 
 
+# Tests that start multi-node Ray clusters (several raylets each): they run one after another on one
+# pytest-xdist worker (`make test` runs 2), so no two clusters start at once on a 2-core machine.
+CLUSTER_TESTS = ("test_chaos.py", "test_elastic_live.py", "test_data_cluster.py")
+# The longest files first, so that the two workers finish together rather than one waiting on the last.
+LONGEST_FIRST = CLUSTER_TESTS + ("test_train.py", "test_adaptive_sweep.py", "test_hostile.py", "test_submit.py")
+
+
+@pytest.hookimpl(tryfirst=True)        # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """The chaos suite (a 3-node cluster, ~5 minutes of faults: ``make test-chaos``, its own CI step) and the
-    soak (hours) run only when selected: ``pytest -m chaos``, ``pytest -m soak``."""
+    """The soak (hours: ``pytest -m soak``) runs only when selected; the cluster tests share one
+    xdist group; the longest files are scheduled first."""
     wanted = config.getoption("markexpr") or ""
-    for marker in ("chaos", "soak"):
-        if marker in wanted:
-            continue
-        skip = [item for item in items if item.get_closest_marker(marker)]
+    if "soak" not in wanted:
+        skip = [item for item in items if item.get_closest_marker("soak")]
         if skip:
             config.hook.pytest_deselected(items=skip)
-            items[:] = [item for item in items if not item.get_closest_marker(marker)]
+            items[:] = [item for item in items if not item.get_closest_marker("soak")]
+    for item in items:
+        if item.path.name in CLUSTER_TESTS:
+            item.add_marker(pytest.mark.xdist_group("clusters"))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))      # stable: file order kept within
+
+
+FIGURES: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    """Figures a test reports with ``record_figure`` (they travel from xdist workers with the report)."""
+    if report.when == "call":
+        FIGURES.extend(v for k, v in report.user_properties if k == "figure")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.section("figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture
+def record_figure(record_property):
+    """``record_figure("CHAOS faults=12 ...")``: printed in the session's summary, also under xdist."""
+    return lambda line: (print(line, flush=True), record_property("figure", line))

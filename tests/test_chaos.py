@@ -114,9 +114,10 @@ class FaultPlan:
         external = ["node"] * node + ["mlflow"] * mlflow + ["driver"] * driver
         rng.shuffle(external)
         # Wait between external faults for a share of the steps the sweep will log, so each one lands
-        # mid-trial and the sweep is still running when the last one comes.
+        # mid-trial and the last one comes with about half of the sweep still to run (a node fault needs a
+        # trial on a worker node; at 0.6 a quiet machine's sweep once ended before the last one).
         total = steps * (len(trials) - storage)
-        gap = 0.6 * total / (len(external) + 1)
+        gap = 0.45 * total / (len(external) + 1)
         progress = [int(gap * rng.uniform(0.6, 1.4)) + 1 for _ in external]
         doomed = {t: rng.choice(evals[: max(1, len(evals) // 2)]) for t in rng.sample(trials, storage)}
         return cls(seed, kills, list(zip(external, progress)), doomed)
@@ -150,18 +151,18 @@ def can_mount(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.chaos
-def test_chaos(ray_local, demo_data, tmp_path, can_mount):
-    _chaos(demo_data, tmp_path, n_faults=12, trials=6, steps=40, timeout_s=1800)
+def test_chaos(ray_local, demo_data, tmp_path, can_mount, record_figure):
+    _chaos(demo_data, tmp_path, record_figure, n_faults=12, trials=6, steps=40, timeout_s=1800)
 
 
 @pytest.mark.soak
-def test_soak(ray_local, demo_data, tmp_path, can_mount):
-    _chaos(demo_data, tmp_path, n_faults=100, trials=24, steps=60, timeout_s=4 * 3600)
+def test_soak(ray_local, demo_data, tmp_path, can_mount, record_figure):
+    _chaos(demo_data, tmp_path, record_figure, n_faults=100, trials=24, steps=60, timeout_s=4 * 3600)
 
 
 # --- the run --------------------------------------------------------------------------------------------
 
-def _chaos(data: Path, tmp_path: Path, n_faults: int, trials: int, steps: int, timeout_s: float) -> None:
+def _chaos(data: Path, tmp_path: Path, record_figure, n_faults: int, trials: int, steps: int, timeout_s: float) -> None:
     from protscale.sweep.space import load, plan, trial_hashes
 
     seed = int(os.environ.get("PROTSCALE_CHAOS_SEED") or random.SystemRandom().randrange(10 ** 6))
@@ -206,9 +207,10 @@ def _chaos(data: Path, tmp_path: Path, n_faults: int, trials: int, steps: int, t
         shutil.rmtree(ray_tmp, ignore_errors=True)
     chaos.injected["worker_kill"] = len(faults.fired(str(state_dir)))
     total = sum(chaos.injected.values())
-    print(f"CHAOS seed={seed} faults={total} by kind {json.dumps(chaos.injected, sort_keys=True)} trials={len(names)} "
-          f"({len(fp.doomed)} failed by design) steps_checked={figures['steps']} points_checked={figures['points']} "
-          f"lost={figures['lost']} duplicated={figures['duplicated']} wall={time.monotonic() - start:.0f}s", flush=True)
+    record_figure(f"CHAOS seed={seed} faults={total} by kind {json.dumps(chaos.injected, sort_keys=True)} "
+                  f"trials={len(names)} ({len(fp.doomed)} failed by design) steps_checked={figures['steps']} "
+                  f"points_checked={figures['points']} lost={figures['lost']} duplicated={figures['duplicated']} "
+                  f"wall={time.monotonic() - start:.0f}s")
     assert rc == 1, f"the sweep should report its failed trials (exit 1), got {rc} (seed {seed})"
     assert figures["lost"] == 0 and figures["duplicated"] == 0
     assert total >= n_faults and all(chaos.injected.get(k, 0) >= 2 for k in

@@ -3,7 +3,7 @@
 time resuming from its latest checkpoint with the global batch and the LR schedule of the recipe.
 
 The cluster runs in a child process (this session already holds a single-node Ray). The trial holds
-after a checkpoint while ``hold_file`` exists (``loop._hold``), so the cluster changes at known steps:
+after a checkpoint while ``PROTSCALE_HOLD_FILE`` exists (``faults.hold``), so the cluster changes at known steps:
 
     1 worker   steps 1-5, checkpoint, hold        -> a node joins: Train restarts the group with 2
     2 workers  steps 6-10 from step 5, hold       -> the node is removed: its worker dies, Train
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow
 SIZE, ROWS, EVERY, STEPS = "micro-3", 8, 5, 15      # 8 rows per optimizer step; a checkpoint every 5 steps
 
 CHILD = textwrap.dedent("""
-    import json, sys, threading, time
+    import json, os, sys, threading, time
     from pathlib import Path
 
     import ray
@@ -46,7 +46,7 @@ CHILD = textwrap.dedent("""
     from protscale.train.trial import run_trial
 
     args = json.loads(sys.argv[1])
-    hold = Path(args["cfg"]["hold_file"])
+    hold = Path(os.environ["PROTSCALE_HOLD_FILE"])
     out = {"events": []}
 
     def trial():
@@ -106,7 +106,7 @@ def _expected_tokens(data, seed: int) -> list[int]:
     return out
 
 
-def test_trial_grows_and_shrinks_with_the_cluster_in_bf16(ray_local, demo_data, tmp_path):
+def test_trial_grows_and_shrinks_with_the_cluster_in_bf16(ray_local, demo_data, tmp_path, record_figure):
     seq_len = read_manifest(demo_data)["seq_len"]
     n = get_size(SIZE).n_params_non_embedding
     hold = tmp_path / "hold"
@@ -114,9 +114,9 @@ def test_trial_grows_and_shrinks_with_the_cluster_in_bf16(ray_local, demo_data, 
     cfg = dict(objective="clm", size=SIZE, budget_flops=6.0 * n * STEPS * ROWS * seq_len, data=str(demo_data),
                tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="elastic-live",
                batch_tokens=ROWS * seq_len, eval_every=EVERY, eval_rows=16, precision="bf16", zero_stage=1,
-               lr_max=2e-2, hold_file=str(hold))
+               lr_max=2e-2)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_AUTH_MODE"] = "disabled"
+    env.update(RAY_AUTH_MODE="disabled", PROTSCALE_HOLD_FILE=str(hold))     # the nodes' workers inherit it
     start = time.monotonic()
     # Its own session, so that a child that hangs is killed with the Ray nodes it started.
     proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps({"cfg": cfg, "storage": str(tmp_path / "runs")})],
@@ -130,7 +130,7 @@ def test_trial_grows_and_shrinks_with_the_cluster_in_bf16(ray_local, demo_data, 
     lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, (stdout[-3000:], stderr[-5000:])
     got = json.loads(lines[-1][len("RESULT "):])
-    print(f"elastic live: {time.monotonic() - start:.0f} s wall, trial {got['wall_s']:.0f} s, events {got['events']}")
+    record_figure(f"elastic live: {time.monotonic() - start:.0f} s wall, trial {got['wall_s']:.0f} s, events {got['events']}")
     assert got.get("status") == c.STATUS_COMPLETED, got
     assert got["events"] == [["add_node", EVERY], ["remove_node", 2 * EVERY]]
     # Each restart said where it resumed from, and at which size (rank 0's line, forwarded by Ray).

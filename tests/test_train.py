@@ -90,24 +90,6 @@ def test_tiny_trial_learns_and_follows_the_tracking_contract(ray_local, demo_dat
     assert val[last] < val[min(val)]
 
 
-def test_worker_failure_resumes_from_checkpoint_with_each_step_logged_once(ray_local, demo_data, tmp_path):
-    cfg = _cfg(demo_data, tmp_path, budget_flops=6 * 147456 * 300_000, eval_every=10,
-               fail_at_step=17, fail_marker=str(tmp_path / "failed-once"))
-    result = run_trial(cfg, workers=(1, 1), storage=str(tmp_path / "runs"), max_failures=1)
-    assert (tmp_path / "failed-once").exists()                # the worker did die at step 17
-    assert result.status == c.STATUS_COMPLETED
-    assert MlflowClient(cfg.tracking_uri).get_run(result.run_id).data.tags["resumed_from_step"] == "10"
-
-    client = MlflowClient(cfg.tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
-    assert len(runs) == 1                                     # the restart re-attached, no second run
-    steps = [s for s, _ in _history(client, result.run_id, c.TRAIN_LOSS)]
-    assert sorted(steps) == list(range(1, math.ceil(cfg.tokens_target / 8192) + 1))
-    evals = [s for s, _ in _history(client, result.run_id, c.VAL_LOSS)]
-    assert len(evals) == len(set(evals))
-
-
-
 def test_transfer_weights_survive_deepspeeds_fp32_master_copies(demo_data, tmp_path):
     """CLM→MLM transfer with bf16 + ZeRO-1: DeepSpeed's optimizer keeps fp32 master weights made when the
     engine is built; weights loaded after that would be overwritten at the first step. After one step at

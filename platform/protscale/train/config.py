@@ -73,10 +73,6 @@ class TrialConfig:
     init_budget_flops: float = _f(0.0, help="the parent's compute budget (D_F = C_F / 6N)", cli=False)
     peak_flops: float = _f(0.0, help="peak FLOP/s of one device, for MFU (0: the known GPU table, none on CPU)",
                            metavar="FLOP/S")
-    fail_at_step: int = _f(0, help="fault injection: the worker dies once at this step (tests)", cli=False)
-    fail_marker: str = _f("", help="file whose existence means the fault was already injected", cli=False)
-    hold_file: str = _f("", help="tests: while this file exists, the workers wait after each checkpoint "
-                        "(``loop._hold``)", cli=False)
     trial_hash: str = _f("", help="identity hash, filled in by the driver (``identity_hash``)", cli=False)
     checkpoint_dir: str = _f("", help="where the trial's checkpoints live (<storage>/<name>-<hash>), filled in "
                              "by ``trial.trainer``", cli=False)

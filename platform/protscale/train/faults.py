@@ -22,15 +22,22 @@ Points (``loop.py``):
 * ``before_report``       after the checkpoint is written locally, before it is reported to Ray.
 
 Unset (the normal case), :func:`point` is one dictionary lookup returning ``None``.
+
+A **hold** pauses training instead of killing it, for tests that change the cluster at a known step:
+with ``PROTSCALE_HOLD_FILE=/path`` set and that file present, every rank waits just after each checkpoint
+(:func:`hold`) until the file is removed; rank 0 writes the step it holds at into the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import time
 
 POINTS = ("train_step", "after_metrics_flush", "before_report")
 ENV, ENV_DIR = "PROTSCALE_FAULTS", "PROTSCALE_FAULTS_DIR"
+HOLD_ENV = "PROTSCALE_HOLD_FILE"
 EXIT_CODE = 77                # a dead worker's exit status, recognisable in Ray's logs
 
 _armed: dict[tuple[str, int], list[int]] | None = None     # (point, step) -> entry indices, parsed once
@@ -75,3 +82,17 @@ def fired(state_dir: str) -> list[str]:
     """The entries that fired (``POINT@STEP``), from the state directory: for tests to count."""
     names = sorted(os.listdir(state_dir)) if os.path.isdir(state_dir) else []
     return [n.split("-", 1)[1] for n in names if "-" in n and "@" in n]
+
+
+def hold(step: int, rank: int) -> None:
+    """While the file named by ``PROTSCALE_HOLD_FILE`` exists, wait (rank 0 writes ``step`` into it first,
+    never creating it)."""
+    path = os.environ.get(HOLD_ENV)
+    if not path or not os.path.exists(path):
+        return
+    if rank == 0:
+        with contextlib.suppress(FileNotFoundError), open(path, "r+") as f:
+            f.write(str(step))
+            f.truncate()
+    while os.path.exists(path):
+        time.sleep(0.2)

@@ -23,9 +23,7 @@ against one plain full-batch pass).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import shutil
 import time
 
@@ -110,7 +108,6 @@ def _train(cfg, session, store, engine, plan, prefetch, evals, state, logger, ra
         step_counts.append(counts)
         step_lrs.append(lr)
         state["step"] = step
-        _maybe_inject_failure(cfg, step)
         faults.point("train_step", step)
 
         if step % plan.eval_every and step != plan.steps:
@@ -160,7 +157,7 @@ def _train(cfg, session, store, engine, plan, prefetch, evals, state, logger, ra
         shutil.rmtree(path, ignore_errors=True)
         if not store:
             _await_registration(session)
-        _hold(cfg, step, rank)
+        faults.hold(step, rank)
         if diverged:
             if logger:
                 logger.client.set_tag(cfg.run_id, c.STATUS, c.STATUS_DIVERGED)
@@ -300,13 +297,6 @@ def _peak_flops(device: torch.device) -> float:
     return peak_flops(torch.cuda.get_device_name(device))
 
 
-def _maybe_inject_failure(cfg: TrialConfig, step: int) -> None:
-    """Fault injection for recovery tests: the worker process dies once at ``fail_at_step``."""
-    if cfg.fail_at_step and step == cfg.fail_at_step and cfg.fail_marker and not os.path.exists(cfg.fail_marker):
-        open(cfg.fail_marker, "w").close()
-        os._exit(1)
-
-
 def _await_registration(session) -> None:
     """Return once Train's controller has collected this worker's last report. Ray Train 2.60 hands a
     report to the controller only at its next poll of the workers (every 2 s); a worker group that fails
@@ -321,19 +311,6 @@ def _await_registration(session) -> None:
     except RuntimeError:                # Train's local mode: no controller, nothing to wait for
         return
     reports.join()                      # the controller's poll takes the report and marks it done
-
-
-def _hold(cfg: TrialConfig, step: int, rank: int) -> None:
-    """For tests that change the cluster at a known point: while ``cfg.hold_file`` exists, every rank
-    waits here, just after a checkpoint; rank 0 writes the step into the file (never creating it)."""
-    if not cfg.hold_file or not os.path.exists(cfg.hold_file):
-        return
-    if rank == 0:
-        with contextlib.suppress(FileNotFoundError), open(cfg.hold_file, "r+") as f:
-            f.write(str(step))
-            f.truncate()
-    while os.path.exists(cfg.hold_file):
-        time.sleep(0.2)
 
 
 def _progress(cfg, step, steps, train_loss, eval_losses, tokens, tokens_per_s) -> None:
