@@ -53,28 +53,13 @@ def demo_data(tmp_path_factory, ray_local) -> Path:
     return out
 
 
-# Tests that start multi-node Ray clusters (several raylets each): they run one after another on one
-# pytest-xdist worker (`make test` runs 2), so no two clusters start at once on a 2-core machine.
-CLUSTER_TESTS = ("test_chaos.py", "test_elastic_live.py", "test_data_cluster.py")
-# The longest files first, so that the two workers finish together rather than one waiting on the last.
-LONGEST_FIRST = CLUSTER_TESTS + ("test_train.py", "test_adaptive_sweep.py", "test_hostile.py", "test_submit.py")
-
-
-@pytest.hookimpl(tryfirst=True)        # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """The soak (hours: ``pytest -m soak``) runs only when selected; the cluster tests share one
-    xdist group; the longest files are scheduled first."""
-    wanted = config.getoption("markexpr") or ""
-    if "soak" not in wanted:
+    """The soak (hours) runs only when selected: ``pytest -m soak``."""
+    if "soak" not in (config.getoption("markexpr") or ""):
         skip = [item for item in items if item.get_closest_marker("soak")]
         if skip:
             config.hook.pytest_deselected(items=skip)
             items[:] = [item for item in items if not item.get_closest_marker("soak")]
-    for item in items:
-        if item.path.name in CLUSTER_TESTS:
-            item.add_marker(pytest.mark.xdist_group("clusters"))
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))      # stable: file order kept within
 
 
 FIGURES: list[str] = []
