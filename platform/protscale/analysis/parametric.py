@@ -463,8 +463,10 @@ def _bootstrap_parametric(n, d, loss, blocks, fit: ParametricFit, *, n_boot: int
                     near[c0 + r] = len(reps)
                 done += cw.shape[0]
                 prog.update(done)
+            with np.errstate(over="ignore"):       # a replicate far out in log A or log B is inf, not a warning
+                E, A, B = np.exp(res[:, 0]), np.exp(res[:, 1]), np.exp(res[:, 2])
             out[scheme] = {
-                "E": np.exp(res[:, 0]), "A": np.exp(res[:, 1]), "B": np.exp(res[:, 2]),
+                "E": E, "A": A, "B": B,
                 "alpha": res[:, 3], "beta": res[:, 4],
                 "allocation_exponent": allocation_exponent(res[:, 3], res[:, 4]),
                 "basin": which, "n_near_basins": near,
