@@ -34,12 +34,16 @@ first pass and one wave (nano-2, micro-2 at 1e9) use 12 of the 16 trials and 59%
 N_opt ∝ C^0.62 [0.49, 1.03]; two more 1e10 sizes (max_trials 14, 84%) do not narrow it (0.60 wide): the
 1e10 bottom is flat within 0.012 nats from N = 768 to 3,072.
 
-First real run of this design (``protscale demo``, machine loaded, load average 25-35; sweep 774 s, fit
-6 s): val_loss 1e9: nano-1 2.858*, micro-1 2.816, micro-2 2.836, micro-3 2.867; 3e9: nano-2 2.788*,
-micro-2 2.743, micro-3 2.761, micro-4 2.799; 1e10: micro-1 2.714, micro-3 2.702, tiny-1 2.895; 11 of 16
-grid trials, 57% of its compute; N_opt ∝ C^0.415 [-0.175, 1.142] from 3 bracketed budgets. (*) trained at
-lr 1e-3: ``recipe.peak_lr`` gave the CPU-size LR only to names starting with tiny/micro (fixed since;
-the probes above, at 5e-3, are 0.03-0.045 nats lower for these two). Not yet re-run after the fix.
+Measured (``protscale demo`` from a fresh clone, quiet 2-core machine): done in 389 s, set-up 21 s, sweep
+360 s, fit 8 s; 15 trials. MLM val_loss (real trials): 1e9: nano-1 2.813, nano-2 2.789, micro-1 2.816,
+micro-2 2.836, micro-3 2.867; 3e9: nano-2 2.751, micro-1 2.739, micro-2 2.743, micro-3 2.761, micro-4 2.799;
+1e10: micro-1 2.714, micro-2 2.700, micro-3 2.702, micro-4 2.726, micro-5 2.814, tiny-1 2.895 (the full
+grid: the adaptive demo trains 12 of these 16, the other 4 were trained afterwards with the same sweep
+name, its finished trials reused). Adaptive, 12 trials (65% of the grid's compute, stopped by
+``max_trials``): N_opt ∝ C^0.627 [0.388, 0.968]; the full grid: C^0.687 [0.503, 0.949]. So on this design
+the adaptive path does not yet reach the full grid's interval (0.58 against 0.45 wide): at 3e9 it never
+tried micro-1, the best size there, and with 4-6 sizes per budget a wave of 1-2 trials is a large share.
+Transfer pairs: 1e9 2.8671 → 2.8321 (−0.035 nats), 3e9 2.7609 → 2.7502 (−0.011).
 
 Earlier measurements (plain-PyTorch probes of the same model, batches and recipe, val_loss on all
 864 validation rows = 16k masked tokens; ``protscale`` 2-core VM, loaded):
