@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
-# Each test process (each pytest-xdist worker: `make test` runs 3) gets its own temporary directory, so
+# Each test process (each pytest-xdist worker, with `-n`) gets its own temporary directory, so
 # its local Ray (sockets, session files, and `ray_current_cluster`, which a bare `ray.init()` joins) and
 # the Ray of every subprocess it starts never meet another process's, nor a cluster a developer started.
 # (Short names: Ray's socket paths under it must stay within the 107 characters of a Unix socket.)
