@@ -114,10 +114,11 @@ class FaultPlan:
         external = ["node"] * node + ["mlflow"] * mlflow + ["driver"] * driver
         rng.shuffle(external)
         # Wait between external faults for a share of the steps the sweep will log, so each one lands
-        # mid-trial and the last one comes with about half of the sweep still to run (a node fault needs a
-        # trial on a worker node; at 0.6 a quiet machine's sweep once ended before the last one).
+        # mid-trial and the last one comes with most of the sweep still to run: a node fault needs a trial
+        # on a worker node, and near the end the last trials may all run on the head (at 0.6, and once at
+        # 0.45 on a loaded machine, the sweep ended before the last fault).
         total = steps * (len(trials) - storage)
-        gap = 0.45 * total / (len(external) + 1)
+        gap = 0.3 * total / (len(external) + 1)
         progress = [int(gap * rng.uniform(0.6, 1.4)) + 1 for _ in external]
         doomed = {t: rng.choice(evals[: max(1, len(evals) // 2)]) for t in rng.sample(trials, storage)}
         return cls(seed, kills, list(zip(external, progress)), doomed)
