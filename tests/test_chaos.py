@@ -352,7 +352,8 @@ def _snapshot(uri: str, sweep: str, chaos: Chaos) -> None:
     """Params of every trial run, and the end time of the finished ones, before a fault (checked after)."""
     for r in _trial_runs(uri, sweep):
         chaos.params.setdefault(r.info.run_id, dict(r.data.params))
-        if r.data.tags.get(c.STATUS) == c.STATUS_COMPLETED:
+        # finished: the status tag is written just before the run is ended, so wait for its end time too
+        if r.data.tags.get(c.STATUS) == c.STATUS_COMPLETED and r.info.end_time:
             chaos.finished.setdefault(r.info.run_id, r.info.end_time)
 
 
