@@ -291,7 +291,11 @@ def _run_with_faults(fp: FaultPlan, chaos: Chaos, space_file: Path, sweep: str, 
             _snapshot(server.url, sweep, chaos)
             if kind == "node":
                 if not _remove_node(cluster):
-                    continue                   # no trial running on a worker node right now: later
+                    # No trial runs on a worker node right now: the next fault of another kind goes first.
+                    other = next((i for i, (k, _) in enumerate(external) if k != "node"), None)
+                    if other is not None:
+                        external[0], external[other] = external[other], external[0]
+                    continue
             elif kind == "mlflow":
                 server.kill()
                 time.sleep(random.Random(fp.seed + logged).uniform(0.5, 3.0))
