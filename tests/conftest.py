@@ -53,13 +53,44 @@ def demo_data(tmp_path_factory, ray_local) -> Path:
     return out
 
 
+# Tests that start Ray (the session's local Ray, a cluster, or a command that prepares data or runs a
+# sweep) all run on one pytest-xdist worker, one after another (`make test`: ``-n 2 --dist loadgroup``);
+# the other tests go to the other worker. On 2 cores, two local Rays side by side missed Ray's start-up
+# timeouts or hung a sweep. A test outside this group that starts Ray fails (``_no_ray_outside_the_group``).
+RAY_FIXTURES = {"ray_local", "demo_data"}
+RAY_MODULES = {"test_adaptive_sweep", "test_chaos", "test_data_cluster", "test_data_prepare", "test_data_storage",
+               "test_elastic_live", "test_hostile", "test_submit", "test_sweep", "test_sweep_progress", "test_train"}
+
+
+def _uses_ray(item) -> bool:
+    return bool(RAY_FIXTURES & set(getattr(item, "fixturenames", ()))) or item.module.__name__ in RAY_MODULES
+
+
 def pytest_collection_modifyitems(config, items):
-    """The soak (hours) runs only when selected: ``pytest -m soak``."""
+    """The soak (hours) runs only when selected: ``pytest -m soak``. The tests that start Ray form one
+    xdist group."""
     if "soak" not in (config.getoption("markexpr") or ""):
         skip = [item for item in items if item.get_closest_marker("soak")]
         if skip:
             config.hook.pytest_deselected(items=skip)
             items[:] = [item for item in items if not item.get_closest_marker("soak")]
+    for item in items:
+        if _uses_ray(item):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_outside_the_group(request):
+    """Under xdist, a test outside the Ray group must not start a Ray: it would run beside the group's."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") or _uses_ray(request.node):
+        yield
+        return
+    sessions = lambda: {*_tmp.glob("ray/session_2*"), *_tmp.glob("*/ray/session_2*")}  # noqa: E731
+    before = sessions()
+    yield
+    started = sessions() - before
+    assert not started, (f"{request.node.nodeid} started a Ray ({sorted(started)[0]}): add its module to "
+                         "RAY_MODULES in tests/conftest.py")
 
 
 FIGURES: list[str] = []

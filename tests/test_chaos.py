@@ -57,6 +57,8 @@ CLUSTER = textwrap.dedent("""
                 if attempt == 2:
                     raise
 
+    # A trial's actors: its Tune trainable (a function), its Ray Train controller and workers.
+    TRIAL_ACTORS = {"ImplicitFunc", "TrainController", "RayTrainWorker"}
     rng = random.Random(int(sys.argv[1]))
     cluster = Cluster()
     add(num_cpus=1, include_dashboard=True, dashboard_port=int(sys.argv[2]))
@@ -72,7 +74,7 @@ CLUSTER = textwrap.dedent("""
             cluster.remove_node(w, allow_graceful=False)
             workers.append(add(num_cpus=1))
         busy = {a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                if a.class_name == "ImplicitFunc"}          # a Tune trial (a function trainable)
+                if a.class_name in TRIAL_ACTORS}
         hit = [w for w in workers if w.node_id in busy]
         if not hit:
             print("NONE", flush=True)
