@@ -35,7 +35,7 @@ demo: $(STAMP)
 ## process: on 2 cores, parallel pytest-xdist workers each holding a local Ray hung or missed Ray's
 ## start-up timeouts (README, "Tests and benchmarks").
 test: $(STAMP)
-	$(VENV)/bin/pytest -q -ra --durations=12
+	$(VENV)/bin/pytest -q -ra --durations=12 -n 2 --dist loadgroup
 
 ## The chaos suite alone: faults injected into a sweep on a 3-node Ray cluster, its figures printed.
 test-chaos: $(STAMP)

@@ -81,14 +81,21 @@ Earlier measurements (plain-PyTorch probes of the same model, batches and recipe
 from protscale.sweep.adaptive import Adaptive
 from protscale.sweep.space import SearchSpace, transfer_grid
 
+# The full grid: per budget, sizes about ×1.5 apart around where its minimum was measured (below),
+# moving up with the budget; 24 IsoFLOP trials.
+GRID_SIZES = {
+    1e9: ["nano-1", "nano-2", "nano-2.5", "micro-1", "micro-1.5", "micro-2", "micro-2.5", "micro-3"],
+    3e9: ["nano-2", "nano-2.5", "micro-1", "micro-1.5", "micro-2", "micro-2.5", "micro-3", "micro-3.5"],
+    1e10: ["micro-1", "micro-1.5", "micro-2", "micro-2.5", "micro-3", "micro-3.5", "micro-4", "micro-4.5"],
+}
+
 GRID = Adaptive(
     budgets=[1e9, 3e9, 1e10],
-    sizes=["nano-1", "nano-2", "micro-1", "micro-2", "micro-3", "micro-4", "micro-5", "tiny-1"],
+    sizes=GRID_SIZES,
     objectives=["mlm"],
-    coarse=3,                   # per budget: its smallest, middle and largest candidate
-    min_tokens=40_000,
+    coarse=3,                   # per budget: its smallest, middle and largest size
     max_tokens=2_500_000,       # below the bundled proteins' ~3.02M unique training tokens
-    max_trials=12,
+    max_trials=25,
     target_width=0.15,
     per_budget=2,
 )

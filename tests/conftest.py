@@ -54,35 +54,42 @@ def demo_data(tmp_path_factory, ray_local) -> Path:
 
 
 # Tests that start Ray (the session's local Ray, a cluster, or a command that prepares data or runs a
-# sweep) all run on one pytest-xdist worker, one after another (`make test`: ``-n 2 --dist loadgroup``);
-# the other tests go to the other worker. On 2 cores, two local Rays side by side missed Ray's start-up
-# timeouts or hung a sweep. A test outside this group that starts Ray fails (``_no_ray_outside_the_group``).
+# sweep) run on one pytest-xdist worker, one after another (`make test`: ``-n 2 --dist loadgroup``); the
+# tests whose multi-node cluster is their own (chaos, live elastic resizes) run on the other worker, beside
+# the tests that start no Ray.
+# On 2 cores, two local Rays side by side missed Ray's start-up timeouts or hung a sweep. A test outside
+# these groups that starts a Ray fails (``_no_ray_outside_the_groups``).
 RAY_FIXTURES = {"ray_local", "demo_data"}
-RAY_MODULES = {"test_adaptive_sweep", "test_chaos", "test_data_cluster", "test_data_prepare", "test_data_storage",
-               "test_elastic_live", "test_hostile", "test_submit", "test_sweep", "test_sweep_progress", "test_train"}
+RAY_MODULES = {"test_adaptive_sweep", "test_data_cluster", "test_data_prepare", "test_data_storage",
+               "test_submit", "test_sweep", "test_sweep_progress", "test_train"}
+RAY_TESTS = {"test_ctrl_c_during_data_prepare_leaves_nothing_and_a_rerun_works"}
+OWN_CLUSTER_MODULES = {"test_chaos", "test_elastic_live"}
 
 
-def _uses_ray(item) -> bool:
-    return bool(RAY_FIXTURES & set(getattr(item, "fixturenames", ()))) or item.module.__name__ in RAY_MODULES
+def _group(item) -> str | None:
+    if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in RAY_MODULES \
+            or item.originalname in RAY_TESTS:
+        return "ray"
+    return "own-cluster" if item.module.__name__ in OWN_CLUSTER_MODULES else None
 
 
 def pytest_collection_modifyitems(config, items):
-    """The soak (hours) runs only when selected: ``pytest -m soak``. The tests that start Ray form one
-    xdist group."""
+    """The soak (hours) runs only when selected: ``pytest -m soak``. The tests that start Ray form
+    xdist groups."""
     if "soak" not in (config.getoption("markexpr") or ""):
         skip = [item for item in items if item.get_closest_marker("soak")]
         if skip:
             config.hook.pytest_deselected(items=skip)
             items[:] = [item for item in items if not item.get_closest_marker("soak")]
     for item in items:
-        if _uses_ray(item):
-            item.add_marker(pytest.mark.xdist_group("ray"))
+        if _group(item):
+            item.add_marker(pytest.mark.xdist_group(_group(item)))
 
 
 @pytest.fixture(autouse=True)
-def _no_ray_outside_the_group(request):
-    """Under xdist, a test outside the Ray group must not start a Ray: it would run beside the group's."""
-    if not os.environ.get("PYTEST_XDIST_WORKER") or _uses_ray(request.node):
+def _no_ray_outside_the_groups(request):
+    """Under xdist, a test outside the Ray groups must not start a Ray: it would run beside the groups'."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") or _group(request.node):
         yield
         return
     sessions = lambda: {*_tmp.glob("ray/session_2*"), *_tmp.glob("*/ray/session_2*")}  # noqa: E731

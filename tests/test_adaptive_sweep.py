@@ -58,6 +58,17 @@ def test_token_bounds_give_each_budget_its_own_candidates_and_first_pass():
     assert any("fewer than 3 candidate sizes" in e for e in narrow.problems())
 
 
+def test_sizes_per_budget_give_each_budget_its_own_grid():
+    a = Adaptive(budgets=[1e11, 1e12], sizes={1e11: ["tiny-3", "tiny-1", "tiny-2"], 1e12: ["tiny-4", "tiny-5", "tiny-6",
+                                                                                           "tiny-3"]})
+    assert a.candidates(1e11) == ["tiny-1", "tiny-2", "tiny-3"]          # smallest first, whatever the order
+    assert a.candidates(1e12) == ["tiny-3", "tiny-4", "tiny-5", "tiny-6"]
+    assert [t.size for t in a.first_pass() if t.budget_flops == 1e12] == ["tiny-3", "tiny-5", "tiny-6"]
+    assert len(a.grid()) == 7 and a.problems() == [] and hash(a)
+    wrong = Adaptive(budgets=[1e11, 3e11], sizes={1e11: ["tiny-1", "tiny-2", "tiny-3"], 1e12: ["tiny-4"]})
+    assert any("are not the budgets" in e for e in wrong.problems())
+
+
 def test_replayed_waves_find_the_frontier_with_fewer_trials_than_the_grid():
     def inside(n, c, rng=None):
         return law(n, c, exponent=0.4, coef=10 ** (4.9 - 0.4 * 16), rng=rng)  # N_opt(1e16) = 10^4.9

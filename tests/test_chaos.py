@@ -12,7 +12,8 @@ Faults, each kind at least twice (``test_chaos``: 12 in all; ``test_soak``: 100,
   cannot go on and must end FAILED with a one-line ``failure_reason``; the other trials are untouched.
 
 The seed is printed (``CHAOS seed=...``); ``PROTSCALE_CHAOS_SEED=<seed>`` replays the same fault plan.
-The cluster lives in a child process (this session holds its own local Ray, ``ray_local``).
+The cluster lives in a child process, and the data is prepared on it (``protscale data prepare --address``):
+the test holds no Ray of its own, so it can run beside the tests that share the session's local Ray.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from servers import MlflowServer, free_port
 
 KEYS_PER_STEP = (c.TRAIN_LOSS, c.LR)              # logged at every step
 KEYS_PER_EVAL = (c.VAL_LOSS, c.TEST_LOSS, c.TOKENS)     # logged at every evaluation step
+SEQ_LEN = 128
 STORAGE_ERROR = "could not be written"           # in the failure_reason of a trial whose storage filled up
 
 # The cluster: a head and two workers of one CPU each (one trial each), kept in a child process that
@@ -154,28 +156,29 @@ def can_mount(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.chaos
-def test_chaos(ray_local, demo_data, tmp_path, can_mount, record_figure):
-    _chaos(demo_data, tmp_path, record_figure, n_faults=12, trials=6, steps=40, timeout_s=1800)
+def test_chaos(tmp_path, can_mount, record_figure):
+    _chaos(tmp_path, record_figure, n_faults=12, trials=6, steps=40, timeout_s=1800)
 
 
 @pytest.mark.soak
-def test_soak(ray_local, demo_data, tmp_path, can_mount, record_figure):
-    _chaos(demo_data, tmp_path, record_figure, n_faults=100, trials=24, steps=60, timeout_s=4 * 3600)
+def test_soak(tmp_path, can_mount, record_figure):
+    _chaos(tmp_path, record_figure, n_faults=100, trials=24, steps=60, timeout_s=4 * 3600)
 
 
 # --- the run --------------------------------------------------------------------------------------------
 
-def _chaos(data: Path, tmp_path: Path, record_figure, n_faults: int, trials: int, steps: int, timeout_s: float) -> None:
+def _chaos(tmp_path: Path, record_figure, n_faults: int, trials: int, steps: int, timeout_s: float) -> None:
     from protscale.sweep.space import load, plan, trial_hashes
 
     seed = int(os.environ.get("PROTSCALE_CHAOS_SEED") or random.SystemRandom().randrange(10 ** 6))
     print(f"CHAOS seed={seed} (replay: PROTSCALE_CHAOS_SEED={seed})", flush=True)
     start = time.monotonic()
     eval_every = 4
+    data = tmp_path / "data"          # prepared on the cluster once it is up
     space_file = _write_space(tmp_path, data, trials, steps, eval_every)
     space = load(space_file)
     names = [t.name for t in space.trials]
-    n_steps = {t.name: plan(space, t).steps for t in space.trials}
+    n_steps = {t.name: plan(space, t, seq_len_=SEQ_LEN).steps for t in space.trials}
     assert set(n_steps.values()) == {steps}, n_steps
     fp = FaultPlan.draw(seed, n_faults, names, steps, eval_every)
     print(f"CHAOS plan: kills {fp.kills}; external {fp.external}; storage {fp.doomed}", flush=True)
@@ -198,6 +201,7 @@ def _chaos(data: Path, tmp_path: Path, record_figure, n_faults: int, trials: int
     chaos = Chaos()
     try:
         address = _read_address(cluster, tmp_path / "cluster.log")
+        _prepare(data, address, env)
         rc = _run_with_faults(fp, chaos, space_file, space.name, (cluster, address), server, db, env, tmp_path,
                               timeout_s)
         hashes = trial_hashes(space, server.url)
@@ -233,6 +237,16 @@ def _write_space(tmp_path: Path, data: Path, trials: int, steps: int, eval_every
         f"    trials=[Trial('clm', 'micro-1', {budget!r}, seed=s) for s in range({trials})],\n"
         f"    defaults={{'batch_tokens': 2048, 'eval_rows': 16, 'eval_every': {eval_every}}}, max_concurrent=3)\n")
     return path
+
+
+def _prepare(out: Path, address: str, env: dict) -> None:
+    """The bundled proteins as the conftest's ``demo_data`` has them, prepared by Ray Data on the cluster."""
+    from protscale.data import MAIN, OOD
+
+    cmd = [sys.executable, "-m", "protscale.cli", "data", "prepare", "--source", str(MAIN), "--ood", str(OOD),
+           "--out", str(out), "--seq-len", str(SEQ_LEN), "--val-fraction", "0.05", "--address", address, "-q"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"data prepare on the cluster failed:\n{res.stderr[-3000:]}"
 
 
 def _read_address(cluster: subprocess.Popen, log: Path) -> str:

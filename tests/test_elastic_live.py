@@ -2,7 +2,8 @@
 (``ray.cluster_utils.Cluster``, 1 CPU per node) grows when a node joins and shrinks when it goes, each
 time resuming from its latest checkpoint with the global batch and the LR schedule of the recipe.
 
-The cluster runs in a child process (this session already holds a single-node Ray). The trial holds
+The cluster runs in a child process, which first prepares the bundled proteins on it (Ray Data): the test
+holds no Ray of its own, so it can run beside the tests that share the session's local Ray. The trial holds
 after a checkpoint while ``PROTSCALE_HOLD_FILE`` exists (``faults.hold``), so the cluster changes at known steps:
 
     1 worker   steps 1-5, checkpoint, hold        -> a node joins: Train restarts the group with 2
@@ -42,6 +43,8 @@ CHILD = textwrap.dedent("""
     import ray
     from ray.cluster_utils import Cluster
 
+    from protscale.data import MAIN, OOD
+    from protscale.data.prepare import prepare
     from protscale.train.config import TrialConfig
     from protscale.train.trial import run_trial
 
@@ -77,6 +80,7 @@ CHILD = textwrap.dedent("""
         dashboard_port = s.getsockname()[1]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "dashboard_port": dashboard_port})
     ray.init(address=cluster.address, logging_level="WARNING")
+    prepare([MAIN], Path(args["cfg"]["data"]), ood=OOD, seq_len=args["seq_len"], val_fraction=0.05, progress=False)
     t0 = time.time()
     worker = threading.Thread(target=trial, daemon=True)
     worker.start()
@@ -106,12 +110,12 @@ def _expected_tokens(data, seed: int) -> list[int]:
     return out
 
 
-def test_trial_grows_and_shrinks_with_the_cluster_in_bf16(ray_local, demo_data, tmp_path, record_figure):
-    seq_len = read_manifest(demo_data)["seq_len"]
+def test_trial_grows_and_shrinks_with_the_cluster_in_bf16(tmp_path, record_figure):
+    seq_len, data = 128, tmp_path / "data"                # the data: prepared by the child on its cluster
     n = get_size(SIZE).n_params_non_embedding
     hold = tmp_path / "hold"
     hold.write_text("")                                   # hold after every checkpoint until removed
-    cfg = dict(objective="clm", size=SIZE, budget_flops=6.0 * n * STEPS * ROWS * seq_len, data=str(demo_data),
+    cfg = dict(objective="clm", size=SIZE, budget_flops=6.0 * n * STEPS * ROWS * seq_len, data=str(data),
                tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="elastic-live",
                batch_tokens=ROWS * seq_len, eval_every=EVERY, eval_rows=16, precision="bf16", zero_stage=1,
                lr_max=2e-2)
@@ -119,7 +123,7 @@ def test_trial_grows_and_shrinks_with_the_cluster_in_bf16(ray_local, demo_data, 
     env.update(RAY_AUTH_MODE="disabled", PROTSCALE_HOLD_FILE=str(hold))     # the nodes' workers inherit it
     start = time.monotonic()
     # Its own session, so that a child that hangs is killed with the Ray nodes it started.
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps({"cfg": cfg, "storage": str(tmp_path / "runs")})],
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps({"cfg": cfg, "storage": str(tmp_path / "runs"), "seq_len": seq_len})],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
                             start_new_session=True)
     try:
@@ -155,7 +159,7 @@ def test_trial_grows_and_shrinks_with_the_cluster_in_bf16(ray_local, demo_data, 
     assert client.get_run(got["run_id"]).data.tags[RESUMED_FROM_STEP] == str(2 * EVERY)
 
     # The global batch: the same rows at every world size (their tokens, counted by the workers).
-    expected = _expected_tokens(demo_data, 0)
+    expected = _expected_tokens(data, 0)
     for step, tokens in history[c.TOKENS].items():
         assert tokens == sum(expected[:step]), f"tokens at step {step}"
     assert sorted(history[c.TOKENS]) == [EVERY, 2 * EVERY, STEPS]

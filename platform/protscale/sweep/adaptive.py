@@ -6,6 +6,9 @@
                     coarse=["micro-1", "micro-4", "micro-7"], max_trials=14, target_width=0.1)
     SPACE = SearchSpace(name=..., data=..., trials=GRID.first_pass(), adaptive=GRID)
 
+``sizes`` is either one list for every budget or, as in an IsoFLOP grid whose sizes move up with the budget,
+a mapping ``{budget_flops: [sizes]}``.
+
 ``run_sweep`` trains the first pass (with any other trial of the space), then, per objective, reads the
 finished trials' final ``val_loss`` from the tracking store, asks
 :func:`protscale.analysis.placement.place` which candidate sizes to train next at each budget, and runs
@@ -18,8 +21,8 @@ deterministic function of the finished trials, so an interrupted sweep resumes w
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 from ..model.sizes import get_size, tokens_for_budget
 from .space import Trial
@@ -30,7 +33,7 @@ BUDGET_RTOL = 0.05       # a finished run belongs to a budget of the design when
 @dataclass(frozen=True)
 class Adaptive:
     budgets: tuple[float, ...]
-    sizes: tuple[str, ...]                # candidate sizes (the full grid's), any order
+    sizes: tuple[str, ...]                # candidate sizes (the full grid's), any order; or {budget: sizes}
     objectives: tuple[str, ...] = ("mlm",)
     coarse: tuple[str, ...] | int = 3     # first pass: these sizes, or this many spread over each budget's
     max_trials: int = 0                   # IsoFLOP trials per objective, first pass included; 0 = the full grid
@@ -39,13 +42,24 @@ class Adaptive:
     min_tokens: int = 0                   # a (size, budget) is a candidate when D = C/(6N) is within
     max_tokens: int = 0                   # [min_tokens, max_tokens] (0: no bound), e.g. max = unique tokens
     seed: int = 0
+    budget_sizes: tuple[tuple[float, tuple[str, ...]], ...] = field(default=(), init=False)  # from a mapping
 
     def __post_init__(self):
+        if isinstance(self.sizes, Mapping):
+            per = tuple((float(b), tuple(v)) for b, v in self.sizes.items())
+            object.__setattr__(self, "budget_sizes", per)
+            object.__setattr__(self, "sizes", tuple(dict.fromkeys(s for _, v in per for s in v)))
         for name in ("budgets", "sizes", "objectives"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if not isinstance(self.coarse, int):
             object.__setattr__(self, "coarse", tuple(self.coarse))
         object.__setattr__(self, "budgets", tuple(float(b) for b in self.budgets))
+
+    def sizes_at(self, budget: float) -> tuple[str, ...]:
+        """The sizes listed for ``budget`` (all of ``sizes`` unless it was a mapping)."""
+        if not self.budget_sizes:
+            return self.sizes
+        return next((v for b, v in self.budget_sizes if abs(b / budget - 1.0) <= 1e-9), ())
 
     def by_n(self) -> dict[float, str]:
         """Candidate sizes by non-embedding N (the N of the IsoFLOP fit), smallest first."""
@@ -53,8 +67,9 @@ class Adaptive:
 
     def candidates(self, budget: float) -> list[str]:
         """Sizes that may train at ``budget`` (their D within [min_tokens, max_tokens]), smallest first."""
+        listed = self.sizes_at(budget)
         return [s for s in self.by_n().values()
-                if (not self.max_tokens or tokens_for_budget(get_size(s), budget) <= self.max_tokens)
+                if s in listed and (not self.max_tokens or tokens_for_budget(get_size(s), budget) <= self.max_tokens)
                 and tokens_for_budget(get_size(s), budget) >= self.min_tokens]
 
     def first_sizes(self, budget: float) -> list[str]:
@@ -92,6 +107,9 @@ class Adaptive:
             out.append(f"adaptive: coarse size(s) {', '.join(stray)} are not among the candidate sizes")
         if len(self.budgets) < 2:
             out.append("adaptive: an N_opt exponent needs at least 2 budgets")
+        if self.budget_sizes and sorted(b for b, _ in self.budget_sizes) != sorted(self.budgets):
+            out.append(f"adaptive: the budgets of sizes ({', '.join(f'{b:g}' for b, _ in self.budget_sizes)}) are "
+                       f"not the budgets ({', '.join(f'{b:g}' for b in self.budgets)})")
         few = [f"{b:.3g}" for b in self.budgets if len(self.candidates(b)) < 3]
         if few:
             out.append(f"adaptive: budget(s) {', '.join(few)} have fewer than 3 candidate sizes within "
