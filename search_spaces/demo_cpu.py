@@ -81,22 +81,16 @@ Earlier measurements (plain-PyTorch probes of the same model, batches and recipe
 from protscale.sweep.adaptive import Adaptive
 from protscale.sweep.space import SearchSpace, transfer_grid
 
-# The full grid: per budget, sizes about ×1.5 apart around where its minimum was measured (below),
-# moving up with the budget; 24 IsoFLOP trials.
-GRID_SIZES = {
-    1e9: ["nano-1", "nano-2", "nano-2.5", "micro-1", "micro-1.5", "micro-2", "micro-2.5", "micro-3"],
-    3e9: ["nano-2", "nano-2.5", "micro-1", "micro-1.5", "micro-2", "micro-2.5", "micro-3", "micro-3.5"],
-    1e10: ["micro-1", "micro-1.5", "micro-2", "micro-2.5", "micro-3", "micro-3.5", "micro-4", "micro-4.5"],
-}
-
 GRID = Adaptive(
     budgets=[1e9, 3e9, 1e10],
-    sizes=GRID_SIZES,
+    sizes=["nano-1", "nano-2", "micro-1", "micro-1.5", "micro-2", "micro-2.5", "micro-3", "micro-3.5", "micro-4",
+           "micro-4.5", "micro-5", "tiny-1"],
     objectives=["mlm"],
-    coarse=3,                   # per budget: its smallest, middle and largest size
+    coarse=3,                   # per budget: its smallest, middle and largest candidate
+    min_tokens=40_000,
     max_tokens=2_500_000,       # below the bundled proteins' ~3.02M unique training tokens
-    max_trials=25,
-    target_width=0.15,
+    max_trials=18,
+    target_width=0.45,          # just under the full grid's 95% interval (0.51 wide, measured above)
     per_budget=2,
 )
 

@@ -156,7 +156,7 @@ def test_small_sweep_with_transfer_end_to_end(ray_local, demo_data, tmp_path, ca
     def protscale_trial(config):      # the sweep's trainable, by name (Tune checks it on restore)
         raise AssertionError("not run")
 
-    wave0 = tmp_path / "runs" / "sweep-test" / "wave0"
+    [wave0] = (tmp_path / "runs" / "sweep-test").glob("wave0-*")      # the Tune experiment of wave 0's trials
     best = tune.Tuner.restore(str(wave0), protscale_trial).get_results().get_best_result()
     scratch = ("clm-tiny-3-5e10-s0", "clm-tiny-4-5e10-s0", "mlm-tiny-3-2e10-s0")
     assert best.config["trial_name"] == min(scratch, key=final.get)

@@ -86,8 +86,7 @@ TINY_SIZES: dict[str, ModelSize] = {s.name: s for s in (
 # sits between its neighbours): at 1e9-1e10 FLOPs the compute-optimal N is this small (search_spaces/demo_cpu.py
 # has the measurements).
 MICRO_SIZES: dict[str, ModelSize] = {s.name: s for s in (
-    ModelSize("nano-1", 1, 4, 1), ModelSize("nano-2", 1, 6, 1), ModelSize("nano-2.5", 3, 4, 1),
-    ModelSize("micro-1", 1, 8, 1), ModelSize("micro-1.5", 1, 10, 1),
+    ModelSize("nano-1", 1, 4, 1), ModelSize("nano-2", 1, 6, 1), ModelSize("micro-1", 1, 8, 1), ModelSize("micro-1.5", 1, 10, 1),
     ModelSize("micro-2", 1, 12, 1), ModelSize("micro-2.5", 1, 14, 1), ModelSize("micro-3", 1, 16, 2),
     ModelSize("micro-3.5", 1, 20, 2), ModelSize("micro-4", 1, 24, 2), ModelSize("micro-4.5", 1, 28, 2),
     ModelSize("micro-5", 2, 24, 2),

@@ -11,6 +11,8 @@ Transfer trials (an MLM initialised from a CLM trial) run in a second wave, afte
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -105,6 +107,10 @@ def _run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool
     from ray import tune
 
     from .frontier import LiveFrontier
+
+    # Ctrl-C stops the sweep: Tune's own first-SIGINT handler stops only the running wave (it saves the
+    # wave's state and returns), and the sweep would go on to the next one.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     from .progress import TuneEvents
 
     storage = _join(storage)
@@ -143,6 +149,10 @@ def _run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool
             return tune.PlacementGroupFactory([{"CPU": res["cpu"], "GPU": res.get("gpu", 0)}])
 
         trainable = tune.with_resources(protscale_trial, trial_resources)
+        # The Tune experiment of exactly these trials: a resumed sweep restores it only when the same trials
+        # are left to run (an edited space, or trials finished since, make a new one; each trial resumes
+        # from its own checkpoint either way), never a Tune state that names trials no longer asked for.
+        name = f"{name}-{hashlib.sha1(','.join(sorted(t.name for t in todo)).encode()).hexdigest()[:8]}"
         path = _join(storage, space.name, name)
         if resume and tune.Tuner.can_restore(path):
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True)
@@ -159,7 +169,11 @@ def _run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool
                                           failure_config=tune.FailureConfig(max_failures=max_failures),
                                           callbacks=[TuneEvents()]))
         with monitor.tuning():          # Tune's tables go to the sweep's log (unless --verbose)
-            tuner.fit()
+            try:
+                tuner.fit()
+            except KeyboardInterrupt:   # the whole sweep stops (``--resume`` goes on from the checkpoints)
+                runs.finish_run(tracking_uri, sweep_run, c.STATUS_FAILED, "interrupted (Ctrl-C)")
+                raise
         done = _finished_trials(tracking_uri, space.name, hashes)
         statuses.update({t.name: done.get(t.name, c.STATUS_FAILED) for t in trials})
     ok = all(s == c.STATUS_COMPLETED for s in statuses.values())
