@@ -46,4 +46,4 @@ test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -ra -m "not slow"
 
 clean:
-	rm -rf .demo runs mlflow.db
+	rm -rf .demo .demo-grid runs mlflow.db

@@ -115,8 +115,11 @@ class FaultPlan:
         points += [rng.choice(["after_metrics_flush", "after_metrics_flush", "before_report", "train_step"])
                    for _ in range(n_kills - 4)]
         kills = [f"{p}@{rng.randrange(2, steps) if p == 'train_step' else rng.choice(evals)}" for p in points]
-        external = ["node"] * node + ["mlflow"] * mlflow + ["driver"] * driver
-        rng.shuffle(external)
+        # Node faults first: a node fault needs a trial on a worker node, sure while the sweep is full and
+        # not near its end (the last trials may all run on the head); the other kinds in random order.
+        others = ["mlflow"] * mlflow + ["driver"] * driver
+        rng.shuffle(others)
+        external = ["node"] * node + others
         # Wait between external faults for a share of the steps the sweep will log, so each one lands
         # mid-trial and the last one comes with most of the sweep still to run: a node fault needs a trial
         # on a worker node, and near the end the last trials may all run on the head (at 0.6, and once at

@@ -199,13 +199,31 @@ def import_tb_csv(root: str | Path, experiment: str, tracking_uri: str | None = 
                 client.log_batch(run_id, metrics=metrics[j:j + MAX_METRICS_PER_CALL])
             client.set_terminated(run_id, "FINISHED", end_time=int(r.timestamps[-1]))
         except BaseException:
-            client.delete_run(run_id)       # (a re-run would also replace an unfinished run)
+            _delete_half_written(client, run_id)    # (a re-run would also replace an unfinished run)
             raise
         known.append((run_id, r.objective, r.size, r.budget, r.metric))
         summary.imported.append((r.rel, run_id))
         out(f"[{i}/{len(todo)}] {_describe(r)} -> run {run_id[:8]}")
     _report(plan, summary, out, verbose, dry_run=False, experiment=experiment, uri=uri)
     return summary
+
+
+def _delete_half_written(client, run_id: str) -> None:
+    """Delete a run whose import was cut short. A Ctrl-C inside a SQLite write leaves that write's
+    connection holding the database lock until it is rolled back and collected (seen on a loaded machine:
+    "database is locked"): collect it and retry for a few seconds."""
+    import gc
+    import time
+
+    for attempt in range(20):
+        try:
+            client.delete_run(run_id)
+            return
+        except Exception as exc:
+            if "locked" not in str(exc) or attempt == 19:
+                raise
+            gc.collect()
+            time.sleep(0.5)
 
 
 def _describe(r: PlannedRun) -> str:
