@@ -426,3 +426,41 @@ def test_ctrl_c_during_import_and_fit_leaves_nothing_partial(tmp_path):
     print(f"quick fit {time.perf_counter() - t:.1f} s")
     assert again.returncode in (0, 1), again.stderr[-3000:]
     assert json.loads((tmp_path / "fit-out" / "results.json").read_text())["schema_version"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_sweep_stops_the_whole_sweep(demo_data, tmp_path):
+    """Ctrl-C mid-wave ends the sweep (exit 130, one line), not just the wave: Tune's own first-SIGINT
+    handler would save the wave and return, and the sweep would go on to its next wave (the transfer MLM)."""
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    from protscale.tracking import contract as c
+
+    space = tmp_path / "space.py"
+    space.write_text(
+        "from protscale.sweep.space import SearchSpace, transfer_grid\n"
+        f"SPACE = SearchSpace(name='cc', data={str(demo_data)!r}, max_concurrent=1,\n"
+        "    trials=transfer_grid(sizes=['micro-3'], clm_budgets=[2e10], mlm_budgets=[1e9]),\n"
+        "    defaults={'batch_tokens': 512, 'eval_rows': 16})\n")
+    db = tmp_path / "mlflow.db"
+
+    def trial_running(_stderr: str) -> bool:
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+                return con.execute("SELECT count(*) FROM tags WHERE key = ? AND value = 'trial'",
+                                   (c.KIND,)).fetchone()[0] > 0
+        except sqlite3.OperationalError:
+            return False
+
+    cmd = [str(PROTSCALE), "sweep", str(space), "--tracking-uri", f"sqlite:///{db}", "--storage", str(tmp_path / "runs")]
+    rc, err = _interrupt_when(cmd, tmp_path, trial_running)
+    assert rc == 130 and "interrupted" in err and "Traceback" not in err, err[-3000:]
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("cc")
+    found = client.search_runs([exp.experiment_id])
+    trials = {r.data.tags.get(c.TRIAL) for r in found if r.data.tags.get(c.KIND) == "trial"}
+    assert trials and not any("-from-" in t for t in trials), trials      # no later wave started
+    [sweep] = [r for r in found if r.data.tags.get(c.KIND) == "sweep"]
+    assert sweep.info.status == "FAILED" and "interrupted" in sweep.data.tags[c.FAILURE_REASON]
