@@ -31,9 +31,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/protscale demo
 
-## The whole test suite (slow end-to-end tests and the chaos suite included), as CI runs it, in one
-## process: on 2 cores, parallel pytest-xdist workers each holding a local Ray hung or missed Ray's
-## start-up timeouts (README, "Tests and benchmarks").
+## The whole test suite (slow end-to-end tests and the chaos suite included), as CI runs it: two
+## pytest-xdist workers; the tests that share the session's local Ray run one after another on one of them,
+## the tests with a cluster of their own on the other (tests/conftest.py; README, "Tests and benchmarks").
 test: $(STAMP)
 	$(VENV)/bin/pytest -q -ra --durations=12 -n 2 --dist loadgroup
 
