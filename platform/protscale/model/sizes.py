@@ -82,12 +82,12 @@ TINY_SIZES: dict[str, ModelSize] = {s.name: s for s in (
     ModelSize("tiny-4", 4, 96, 6), ModelSize("tiny-5", 6, 128, 8), ModelSize("tiny-6", 8, 160, 5),
 )}
 
-# Micro sizes for the CPU demo's IsoFLOP frontier (N from 192 to 14k, about ×1.4-2.2 apart; an "x.5" size
+# Micro sizes for the CPU demo's IsoFLOP frontier (N from 192 to 13.8k, about ×1.4-2.2 apart; an "x.5" size
 # sits between its neighbours): at 1e9-1e10 FLOPs the compute-optimal N is this small (search_spaces/demo_cpu.py
 # has the measurements).
 MICRO_SIZES: dict[str, ModelSize] = {s.name: s for s in (
-    ModelSize("nano-1", 1, 4, 1), ModelSize("nano-2", 1, 6, 1), ModelSize("micro-1", 1, 8, 1), ModelSize("micro-1.5", 1, 10, 1),
-    ModelSize("micro-2", 1, 12, 1), ModelSize("micro-2.5", 1, 14, 1), ModelSize("micro-3", 1, 16, 2),
+    ModelSize("nano-1", 1, 4, 1), ModelSize("nano-2", 1, 6, 1),
+    ModelSize("micro-1", 1, 8, 1), ModelSize("micro-1.5", 1, 10, 1), ModelSize("micro-2", 1, 12, 1), ModelSize("micro-2.5", 1, 14, 1), ModelSize("micro-3", 1, 16, 2),
     ModelSize("micro-3.5", 1, 20, 2), ModelSize("micro-4", 1, 24, 2), ModelSize("micro-4.5", 1, 28, 2),
     ModelSize("micro-5", 2, 24, 2),
 )}

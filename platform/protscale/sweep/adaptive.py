@@ -237,11 +237,15 @@ def _fair_cut(trials: list[Trial], k: int) -> list[Trial]:
     return out
 
 
+def trials_digest(trials: Iterable[Trial]) -> str:
+    """A short hash of a set of trials (their names, in any order)."""
+    return hashlib.sha1(",".join(sorted(t.name for t in trials)).encode()).hexdigest()[:8]
+
+
 def wave_name(index: int, trials: list[Trial]) -> str:
     """Ray Tune experiment name of an adaptive wave: its index and a hash of its trials, so that a resumed
     sweep restores a wave only when placement asks for the same trials again."""
-    digest = hashlib.sha1(",".join(sorted(t.name for t in trials)).encode()).hexdigest()[:8]
-    return f"adaptive{index}-{digest}"
+    return f"adaptive{index}-{trials_digest(trials)}"
 
 
 def describe(w: Wave) -> str:

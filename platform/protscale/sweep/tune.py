@@ -11,7 +11,6 @@ Transfer trials (an MLM initialised from a CLM trial) run in a second wave, afte
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import asdict
@@ -106,12 +105,13 @@ def _run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool
                monitor) -> dict:
     from ray import tune
 
+    from .adaptive import trials_digest
     from .frontier import LiveFrontier
+    from .progress import TuneEvents
 
     # Ctrl-C stops the sweep: Tune's own first-SIGINT handler stops only the running wave (it saves the
     # wave's state and returns), and the sweep would go on to the next one.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    from .progress import TuneEvents
 
     storage = _join(storage)
     sweep_run = runs.start_run(tracking_uri, space.name, f"sweep-{space.name}",
@@ -152,7 +152,7 @@ def _run_sweep(space: SearchSpace, tracking_uri: str, storage: str, resume: bool
         # The Tune experiment of exactly these trials: a resumed sweep restores it only when the same trials
         # are left to run (an edited space, or trials finished since, make a new one; each trial resumes
         # from its own checkpoint either way), never a Tune state that names trials no longer asked for.
-        name = f"{name}-{hashlib.sha1(','.join(sorted(t.name for t in todo)).encode()).hexdigest()[:8]}"
+        name = f"{name}-{trials_digest(todo)}"
         path = _join(storage, space.name, name)
         if resume and tune.Tuner.can_restore(path):
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True)
