@@ -37,7 +37,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest -q -ra --durations=12 -n 2 --dist loadgroup
 
-## The chaos suite alone: faults injected into a sweep on a 3-node Ray cluster, its figures printed.
+## The chaos suite alone: faults injected into a sweep on a 4-node Ray cluster, its figures printed.
 test-chaos: $(STAMP)
 	$(VENV)/bin/pytest -q -ra -s -m chaos -p no:xdist tests/test_chaos.py
 

@@ -1,5 +1,6 @@
-"""Chaos: a sweep on a real 3-node Ray cluster survives faults injected at random, seeded points, and the
-tracking store shows every trial finished exactly once, every metric step exactly once.
+"""Chaos: a sweep on a real 4-node Ray cluster (a head and three one-CPU workers) survives faults injected
+at random, seeded points, and the tracking store shows every trial finished exactly once, every metric step
+exactly once.
 
 Faults, each kind at least twice (``test_chaos``: 12 in all; ``test_soak``: 100, run with ``-m soak``):
 
@@ -43,13 +44,14 @@ KEYS_PER_EVAL = (c.VAL_LOSS, c.TEST_LOSS, c.TOKENS)     # logged at every evalua
 SEQ_LEN = 128
 STORAGE_ERROR = "could not be written"           # in the failure_reason of a trial whose storage filled up
 
-# The cluster: a head and two workers of one CPU each (one trial each), kept in a child process that
-# removes a node running a trial when asked, and starts a fresh one in its place.
+# The cluster: a head without CPUs for trials and three workers of one CPU each (one trial each), kept in a
+# child process that removes a node running a trial when asked, and starts a fresh one in its place. Every
+# trial runs on a worker node, so a node fault finds a trial to hit whenever one runs (with trials on the
+# head, the last trials of a sweep could all run there and a node fault find none: seed 689512).
 CLUSTER = textwrap.dedent("""
     import random, sys
-    import ray
+    import psutil
     from ray.cluster_utils import Cluster
-    from ray.util.state import list_actors
 
     def add(**args):        # Ray gives a raylet 30 s to register: a loaded 2-core machine can miss it
         for attempt in range(3):
@@ -59,15 +61,25 @@ CLUSTER = textwrap.dedent("""
                 if attempt == 2:
                     raise
 
-    # A trial's actors: its Tune trainable (a function), its Ray Train controller and workers.
-    TRIAL_ACTORS = {"ImplicitFunc", "TrainController", "RayTrainWorker"}
+    # A trial's processes: its Tune trainable (a function), its Ray Train controller and workers. They are
+    # found among the node's raylet's children by their process titles (`ray::ImplicitFunc.train`), not
+    # through Ray's state API, whose actor list once came back empty while three trials ran (seed 689512).
+    TRIAL_ACTORS = ("ImplicitFunc", "TrainController", "RayTrainWorker")
+
+    def runs_a_trial(node) -> bool:
+        try:
+            raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+            return any(a in p.name() for p in raylet.children(recursive=True) for a in TRIAL_ACTORS)
+        except (psutil.Error, KeyError, IndexError):
+            return False
+
     rng = random.Random(int(sys.argv[1]))
     cluster = Cluster()
-    add(num_cpus=1, include_dashboard=True, dashboard_port=int(sys.argv[2]))
-    workers = [add(num_cpus=1) for _ in range(2)]
+    add(num_cpus=0, include_dashboard=True, dashboard_port=int(sys.argv[2]))
+    workers = [add(num_cpus=1) for _ in range(3)]
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level="ERROR")
-    print("ADDRESS", cluster.address, flush=True)
+    # Replies start with "CLUSTER": the test reads past anything else Ray may print here.
+    print("CLUSTER ADDRESS", cluster.address, flush=True)
     for line in sys.stdin:
         if line.strip() != "remove":
             break
@@ -75,18 +87,15 @@ CLUSTER = textwrap.dedent("""
             workers.remove(w)
             cluster.remove_node(w, allow_graceful=False)
             workers.append(add(num_cpus=1))
-        busy = {a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                if a.class_name in TRIAL_ACTORS}
-        hit = [w for w in workers if w.node_id in busy]
+        hit = [w for w in workers if runs_a_trial(w)]
         if not hit:
-            print("NONE", flush=True)
+            print("CLUSTER NONE: no trial runs on", len(workers), "worker nodes", flush=True)
             continue
         node = rng.choice(hit)
         workers.remove(node)
         cluster.remove_node(node, allow_graceful=False)
         workers.append(add(num_cpus=1))
-        print("REMOVED", node.node_id, flush=True)
-    ray.shutdown()
+        print("CLUSTER REMOVED", node.node_id, flush=True)
     cluster.shutdown()
 """)
 
@@ -115,15 +124,14 @@ class FaultPlan:
         points += [rng.choice(["after_metrics_flush", "after_metrics_flush", "before_report", "train_step"])
                    for _ in range(n_kills - 4)]
         kills = [f"{p}@{rng.randrange(2, steps) if p == 'train_step' else rng.choice(evals)}" for p in points]
-        # Node faults first: a node fault needs a trial on a worker node, sure while the sweep is full and
-        # not near its end (the last trials may all run on the head); the other kinds in random order.
+        # Node faults first: a node fault needs a running trial, sure while the sweep is full and not near
+        # its end; the other kinds in random order.
         others = ["mlflow"] * mlflow + ["driver"] * driver
         rng.shuffle(others)
         external = ["node"] * node + others
         # Wait between external faults for a share of the steps the sweep will log, so each one lands
-        # mid-trial and the last one comes with most of the sweep still to run: a node fault needs a trial
-        # on a worker node, and near the end the last trials may all run on the head (at 0.6, and once at
-        # 0.45 on a loaded machine, the sweep ended before the last fault).
+        # mid-trial and the last one comes with most of the sweep still to run (at 0.6, and once at 0.45 on
+        # a loaded machine, the sweep ended before the last fault).
         total = steps * (len(trials) - storage)
         gap = 0.3 * total / (len(external) + 1)
         progress = [int(gap * rng.uniform(0.6, 1.4)) + 1 for _ in external]
@@ -252,10 +260,18 @@ def _prepare(out: Path, address: str, env: dict) -> None:
     assert res.returncode == 0, f"data prepare on the cluster failed:\n{res.stderr[-3000:]}"
 
 
+def _reply(cluster: subprocess.Popen) -> str:
+    """The cluster process's next reply ("" when it has ended), past any other line Ray printed."""
+    for line in cluster.stdout:
+        if line.startswith("CLUSTER "):
+            return line[len("CLUSTER "):].strip()
+    return ""
+
+
 def _read_address(cluster: subprocess.Popen, log: Path) -> str:
-    line = cluster.stdout.readline()
-    assert line.startswith("ADDRESS "), f"the 3-node cluster did not start:\n{log.read_text()[-3000:]}"
-    return line.split()[1]
+    reply = _reply(cluster)
+    assert reply.startswith("ADDRESS "), f"the 4-node cluster did not start:\n{log.read_text()[-3000:]}"
+    return reply.split()[1]
 
 
 def _stop_cluster(cluster: subprocess.Popen) -> None:
@@ -293,7 +309,8 @@ def _run_with_faults(fp: FaultPlan, chaos: Chaos, space_file: Path, sweep: str, 
     driver = launch(resume=False)
     external, doomed = list(fp.external), dict(fp.doomed)
     baseline = 0
-    deadline = time.monotonic() + timeout_s
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
     try:
         while driver.poll() is None:
             assert time.monotonic() < deadline, f"the sweep did not finish in {timeout_s:.0f} s (seed {fp.seed})"
@@ -308,6 +325,7 @@ def _run_with_faults(fp: FaultPlan, chaos: Chaos, space_file: Path, sweep: str, 
             if logged - baseline < progress:
                 continue
             _snapshot(server.url, sweep, chaos)
+            print(f"CHAOS {time.monotonic() - t0:5.0f} s, {logged} steps logged: {kind}", flush=True)
             if kind == "node":
                 if not _remove_node(cluster):
                     # No trial runs on a worker node right now: the next fault of another kind goes first.
@@ -340,7 +358,9 @@ def _remove_node(cluster: subprocess.Popen) -> bool:
     """Ask the cluster's process to remove a worker node that runs a trial (False: none does now)."""
     cluster.stdin.write("remove\n")
     cluster.stdin.flush()
-    return cluster.stdout.readline().startswith("REMOVED")
+    reply = _reply(cluster)
+    print(f"CHAOS   cluster: {reply or 'no reply (the cluster process ended)'}", flush=True)
+    return reply.startswith("REMOVED")
 
 
 def _steps_logged(db: Path) -> int:
