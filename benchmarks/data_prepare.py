@@ -191,6 +191,12 @@ def measure(impl: str, files: list[str], args) -> dict:
     return result
 
 
+def _work_mb(r: dict) -> float:
+    """PSS (MB) at the tree's peak of the processes that do the preparation: the driver and Ray's workers
+    (Ray's daemons, agents and Ray Data's actors are a fixed cost of a Ray node, whatever the data)."""
+    return sum(v for k, v in r["pss_by_kind_mb"].items() if k == "driver" or k.endswith("ray workers"))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,all", help="comma-separated: a number of shards (weight 1 each), "
@@ -221,6 +227,8 @@ def main() -> int:
                   f"{os.cpu_count()} fully used cores; peak RSS driver {r['peak_driver_gb']:.2f} GB, process tree "
                   f"{r['peak_tree_gb']:.2f} GB (PSS {r['peak_tree_pss_gb']:.2f} GB)"
                   + "; PSS at its peak (MB): " + ", ".join(f"{k} {v}" for k, v in r["pss_by_kind_mb"].items())
+                  + (f" = work (driver + Ray workers) {_work_mb(r) / 1e3:.2f} GB + Ray's own processes "
+                     f"{(sum(r['pss_by_kind_mb'].values()) - _work_mb(r)) / 1e3:.2f} GB" if impl == "ray" else "")
                   + (f"; Ray start + warm-up {r['ray_start_s']:.1f} s; stages (s) "
                      + ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items()) if impl == "ray" else ""),
                   flush=True)
@@ -235,6 +243,8 @@ def main() -> int:
     sizes = args.sizes.split(",")
     if len(sizes) >= 2:
         a, b = by[(sizes[0], "ray")], by[(sizes[-1], "ray")]
+        print(f"work processes' PSS (driver + Ray workers, the part that depends on the data) {sizes[0]} -> "
+              f"{sizes[-1]}: {_work_mb(a) / 1e3:.2f} -> {_work_mb(b) / 1e3:.2f} GB (x{_work_mb(b) / _work_mb(a):.2f})")
         print(f"ray scaling {sizes[0]} -> {sizes[-1]}: residues x{b['residues'] / a['residues']:.1f}, "
               f"time x{b['wall_s'] / a['wall_s']:.2f}, CPU x{b['cpu_s'] / a['cpu_s']:.2f}, driver RSS x{b['peak_driver_gb'] / a['peak_driver_gb']:.2f}, "
               f"tree RSS x{b['peak_tree_gb'] / a['peak_tree_gb']:.2f}, tree PSS x{b['peak_tree_pss_gb'] / a['peak_tree_pss_gb']:.2f}")

@@ -74,9 +74,11 @@ def _group(item) -> str | None:
     return "own-cluster" if item.module.__name__ in OWN_CLUSTER_MODULES else None
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """The soak (hours) runs only when selected: ``pytest -m soak``. The tests that start Ray form
-    xdist groups."""
+    xdist groups. First among the hooks: pytest-xdist's own reads the group markers to suffix the test ids
+    (``...::test@ray``), and a marker added after it is ignored without a word."""
     if "soak" not in (config.getoption("markexpr") or ""):
         skip = [item for item in items if item.get_closest_marker("soak")]
         if skip:
@@ -89,8 +91,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _no_ray_outside_the_groups(request):
-    """Under xdist, a test outside the Ray groups must not start a Ray: it would run beside the groups'."""
-    if not os.environ.get("PYTEST_XDIST_WORKER") or _group(request.node):
+    """Under xdist, a test outside the Ray groups must not start a Ray: it would run beside the groups'.
+    A test of a group must carry it in its id, or xdist spreads the group over both workers."""
+    group = _group(request.node)
+    if group and getattr(request.config.option, "loadgroup", False):
+        assert request.node.nodeid.endswith(f"@{group}"), (
+            f"{request.node.nodeid}: not in xdist group {group!r}; pytest-xdist ignored the marker")
+    if not os.environ.get("PYTEST_XDIST_WORKER") or group:
         yield
         return
     sessions = lambda: {*_tmp.glob("ray/session_2*"), *_tmp.glob("*/ray/session_2*")}  # noqa: E731

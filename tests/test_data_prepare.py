@@ -436,6 +436,8 @@ def test_shuffle_partitions_stay_bounded_up_to_the_paper_corpus():
         records = residues * p.RECORD_BYTES_PER_RESIDUE
         assert 1 <= parts <= n_buckets + 1
         assert records / parts <= 128 << 20, (residues, parts)       # one de-duplication task's input
+        if residues <= 1.9e8:       # up to the shared corpus (8 shards): the same small share at every size
+            assert records / parts <= 10 << 20 and map_bytes == p.MAP_BYTES[0], (residues, parts, map_bytes)
         assert map_bytes <= 1 << 30 and (records / map_bytes) * parts <= 600_000
 
 

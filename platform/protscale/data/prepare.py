@@ -11,7 +11,7 @@ Nothing holds the corpus in one process; every stage works on a bounded piece of
    ``ShuffleStrategy.SHUFFLE_V2``) brings every copy of a sequence to the same partition, whose task
    keeps the first occurrence (sources in the order given, then the ``--ood`` file): rows sorted by
    hash, the sequences themselves compared where hashes tie. It writes each bucket's unique rows to one
-   intermediate Parquet file. Partitions are sized from the input (``_shuffle_sizes``: ~64 MiB of
+   intermediate Parquet file. Partitions are sized from the input (``_shuffle_sizes``: ~8 MiB of
    records each up to 2,048 partitions), so memory per task is bounded whatever the corpus size; the
    shuffle's compressed pieces wait in Ray's object store, which spills them to disk when it is full.
 3. **OOD test split**: the ``--ood`` file's unique sequences not found in any source; or with
@@ -63,7 +63,8 @@ FIRST_PROBLEMS = 5  # rejected-record locations kept per source
 RESIDUES_PER_COMPRESSED_BYTE = 1.7  # estimate for gzip FASTA (1.0 for plain text), to size the buckets
 MAX_BUCKETS = 1 << 16  # ~8M tokens each at the defaults: 0.5T tokens before buckets grow
 MAX_PARTITIONS = 2048  # shuffle partitions (a task de-duplicates the few buckets of one)
-PARTITION_BYTES = 64 << 20  # records per shuffle partition (see _shuffle_sizes)
+PARTITION_BYTES = 8 << 20  # records per shuffle partition (see _shuffle_sizes)
+MAP_BYTES = (16 << 20, 1 << 30)  # records a shuffle map task partitions at once: [min, max] (_shuffle_sizes)
 RECORD_BYTES_PER_RESIDUE = 1.15  # an Arrow record row per residue: the letter + offset, hash, ids per sequence
 BLOCK_BYTES = 16 << 20  # Ray Data block size (see connect_ray)
 INTERMEDIATE_COMPRESSION = "lz4"  # de-duplicated buckets, read back once: fast beats small
@@ -537,12 +538,15 @@ def _shuffle_sizes(est_residues: float, n_buckets: int, cpus: int) -> tuple[int,
     """(partitions, map input bytes) of the de-duplication's hash shuffle. A partition (the rows of the
     buckets that hash to it) is one de-duplication task, so it holds about ``PARTITION_BYTES`` whatever
     the corpus size, and there are at least two per CPU while buckets allow. A map task partitions
-    ``map input bytes`` of records at once: 1/256 of the corpus, within [64 MiB, 1 GiB], which keeps the
-    shuffle's pieces (map tasks x partitions, all owned by the driver) below ~0.5M at the paper's size."""
+    ``map input bytes`` of records at once: 1/256 of the corpus, within ``MAP_BYTES`` [16 MiB, 1 GiB],
+    which keeps the shuffle's pieces (map tasks x partitions, all owned by the driver) below ~0.5M at the
+    paper's size. Up to 2,048 x 8 MiB (~14B residues) a task's share of the records is the same whatever
+    the corpus (the worker memory of ``benchmarks/data_prepare.py`` flat from 1 to 8 shards); beyond, the
+    partitions grow (~108 MiB at the paper's 194B tokens)."""
     est_bytes = est_residues * RECORD_BYTES_PER_RESIDUE
     parts = max(math.ceil(est_bytes / PARTITION_BYTES), 2 * max(1, cpus))
     parts = int(min(parts, n_buckets + 1, MAX_PARTITIONS))
-    map_bytes = int(min(1 << 30, max(64 << 20, est_bytes / 256)))
+    map_bytes = int(min(MAP_BYTES[1], max(MAP_BYTES[0], est_bytes / 256)))
     return parts, map_bytes
 
 
