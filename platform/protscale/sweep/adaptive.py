@@ -140,7 +140,8 @@ class Wave:
     exponent: tuple[float, float, float] | None
     done: bool
     reason: str
-    n_trained: int
+    n_trained: int       # trials completed to their budget (the points placement fits)
+    n_tried: int = 0     # trials of the grid started so far (failed or unfinished ones included)
 
 
 def design_budget(adaptive: Adaptive, budget: float) -> float | None:
@@ -220,7 +221,7 @@ def next_wave(adaptive: Adaptive, points: dict[str, list[tuple]], attempted: Ite
             reason = f"{reason}; last wave cut to {left} trial(s) by max_trials {adaptive.limit()}"
         elif not trials and not p.done:
             reason = f"{reason}; stopped: every size placement asks for was tried already"
-        waves.append(Wave(obj, trials, p.exponent, p.done or not trials, reason, len(mine)))
+        waves.append(Wave(obj, trials, p.exponent, p.done or not trials, reason, len(pts), len(mine)))
     return waves
 
 
@@ -249,10 +250,11 @@ def wave_name(index: int, trials: list[Trial]) -> str:
 
 
 def describe(w: Wave) -> str:
+    done = f"{w.n_trained} trained" + (f" of {w.n_tried} tried" if w.n_tried > w.n_trained else "")
     exp = (f"N_opt exponent {w.exponent[0]:.3f} [{w.exponent[1]:.3f}, {w.exponent[2]:.3f}]"
            if w.exponent else "no exponent yet")
     if w.trials:
         where = "; ".join(f"{b:.3g}: {', '.join(t.size for t in w.trials if t.budget_flops == b)}"
                           for b in sorted({t.budget_flops for t in w.trials}))
-        return f"{w.objective}: {w.n_trained} trained, {exp}; next {len(w.trials)}: {where}"
-    return f"{w.objective}: {w.n_trained} trained, {exp}; done ({w.reason})"
+        return f"{w.objective}: {done}, {exp}; next {len(w.trials)}: {where}"
+    return f"{w.objective}: {done}, {exp}; done ({w.reason})"
