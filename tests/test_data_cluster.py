@@ -34,7 +34,7 @@ TWO_NODES = textwrap.dedent("""
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING")
     sources, out = json.loads(sys.argv[1]), sys.argv[2]
-    m = prepare(sources, out, ood=sys.argv[3], seq_len=128, rows_per_shard=128, progress=False)
+    m = prepare(sources, out, ood=sys.argv[3], seq_len=128, rows_per_shard=1024, progress=False)
     print("RESULT " + json.dumps({"nodes": m["_run"]["nodes"], "hash": m["hash"],
                                   "cluster_nodes": len(ray.nodes())}))
     ray.shutdown()
@@ -61,5 +61,5 @@ def test_prepare_on_two_nodes(ray_local, tmp_path):
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     got = json.loads(lines[-1][len("RESULT "):])
     assert got["cluster_nodes"] == 2 and len(got["nodes"]) == 2, got  # both nodes ran tasks
-    one = prepare(files, tmp_path / "one", ood=OOD, seq_len=128, rows_per_shard=128, progress=False)
+    one = prepare(files, tmp_path / "one", ood=OOD, seq_len=128, rows_per_shard=1024, progress=False)
     assert one["hash"] == got["hash"]  # same dataset as on one node

@@ -213,8 +213,8 @@ def test_a_token_is_required_and_checked(ray_head, monkeypatch, capsys):
 def test_submit_waits_and_ships_the_working_dir(authed, workdir, capsys):
     rc = main(["submit", "--address", authed, "--working-dir", str(workdir), "--env", "GREETING=hi",
                "--", "python", "hello.py", "--flag", "two words"])
-    out = capsys.readouterr().out
-    assert rc == 0, out
+    out, err = capsys.readouterr()
+    assert rc == 0, out + err
     job_id = _job_id(out)
     assert "GREETING=hi" in out and "args: ['--flag', 'two words']" in out
     files = next(ln for ln in out.splitlines() if ln.startswith("files:"))
