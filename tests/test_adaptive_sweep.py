@@ -224,12 +224,12 @@ def test_budgets_whose_best_is_an_edge_candidate_get_the_neighbour_inside():
     assert len(w.trials) <= a.limit() - 9 and not w.done
 
 
-def test_wave_line_counts_completed_trials_apart_from_tried_ones():
+def test_wave_line_counts_completed_trials_apart_from_attempted_ones():
     """The driver's `[adaptive]` line says how many trials completed (the points of the fit), and how many
-    were tried when some failed or did not finish."""
+    were attempted when some failed or did not finish."""
     from protscale.sweep.adaptive import Wave, describe
 
     t = Trial("clm", "micro-2", 1e11, 0)
     assert describe(Wave("clm", [t], None, False, "", 4, 4)).startswith("clm: 4 trained, no exponent yet; next 1")
     assert describe(Wave("clm", [], (0.7, 0.5, 0.9), True, "narrow", 4, 6)) == (
-        "clm: 4 trained of 6 tried, N_opt exponent 0.700 [0.500, 0.900]; done (narrow)")
+        "clm: 4 trained of 6 attempted, N_opt exponent 0.700 [0.500, 0.900]; done (narrow)")

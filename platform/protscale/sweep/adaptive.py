@@ -141,7 +141,7 @@ class Wave:
     done: bool
     reason: str
     n_trained: int       # trials completed to their budget (the points placement fits)
-    n_tried: int = 0     # trials of the grid started so far (failed or unfinished ones included)
+    n_attempted: int = 0  # trials of the grid started so far (failed or unfinished ones included)
 
 
 def design_budget(adaptive: Adaptive, budget: float) -> float | None:
@@ -250,7 +250,7 @@ def wave_name(index: int, trials: list[Trial]) -> str:
 
 
 def describe(w: Wave) -> str:
-    done = f"{w.n_trained} trained" + (f" of {w.n_tried} tried" if w.n_tried > w.n_trained else "")
+    done = f"{w.n_trained} trained" + (f" of {w.n_attempted} attempted" if w.n_attempted > w.n_trained else "")
     exp = (f"N_opt exponent {w.exponent[0]:.3f} [{w.exponent[1]:.3f}, {w.exponent[2]:.3f}]"
            if w.exponent else "no exponent yet")
     if w.trials:
