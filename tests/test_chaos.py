@@ -45,9 +45,9 @@ SEQ_LEN = 128
 STORAGE_ERROR = "could not be written"           # in the failure_reason of a trial whose storage filled up
 
 # The cluster: a head without CPUs for trials and three workers of one CPU each (one trial each), kept in a
-# child process that removes a node running a trial when asked, and starts a fresh one in its place. Every
-# trial runs on a worker node, so a node fault finds a trial to hit whenever one runs (with trials on the
-# head, the last trials of a sweep could all run there and a node fault find none: seed 689512).
+# child process that removes a node running a trial when asked, and starts a fresh one in its place. The
+# head holds no trial, so a node fault finds one to hit whenever a trial runs (with a CPU on the head, the
+# last trials of a sweep could all run there, out of the faults' reach).
 CLUSTER = textwrap.dedent("""
     import random, sys
     import psutil
@@ -359,7 +359,8 @@ def _remove_node(cluster: subprocess.Popen) -> bool:
     cluster.stdin.write("remove\n")
     cluster.stdin.flush()
     reply = _reply(cluster)
-    print(f"CHAOS   cluster: {reply or 'no reply (the cluster process ended)'}", flush=True)
+    assert reply, f"the cluster process ended (exit {cluster.wait()}); see cluster.log in the test's tmp_path"
+    print(f"CHAOS   cluster: {reply}", flush=True)
     return reply.startswith("REMOVED")
 
 
