@@ -83,7 +83,8 @@ class TrialStore:
     """A trial's checkpoints at ``root`` (a local path or a URI), for Train's local mode inside Tune.
 
     ``checkpoint_<step>`` directories; one is complete once its ``.complete`` marker exists (written
-    after every other file, so a checkpoint cut off by a crash is never resumed from). Only the trial
+    after every other file is checked in place, so a checkpoint cut off by a crash or a full disk is never
+    resumed from) and so does its ``trial_state.json``. Only the trial
     itself writes and reads here: after a new checkpoint is complete it deletes all but the latest
     ``keep``, so the storage a trial holds is bounded by ``keep`` checkpoints however long it runs."""
 
@@ -98,7 +99,7 @@ class TrialStore:
         steps = []
         for name in self.root.listdir():
             if name.startswith("checkpoint_") and name[len("checkpoint_"):].isdigit() and \
-                    self.root.join(name, self.MARKER).exists():
+                    self.root.join(name, self.MARKER).exists() and self.root.join(name, STATE).exists():
                 steps.append((int(name[len("checkpoint_"):]), name))
         return sorted(steps)
 
@@ -123,6 +124,17 @@ class TrialStore:
         target.mkdir()
         pafs.copy_files(local_dir, target.path, source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=target.fs)
+        # The marker only after every file is there at its size: on a full disk the chaos suite once got a
+        # checkpoint folder holding nothing but a marker written after the copy (a 0-byte file needs no
+        # space), and every restart of the trial then failed to read its state.
+        want = {str(p.relative_to(local_dir)): p.stat().st_size for p in Path(local_dir).rglob("*") if p.is_file()}
+        got = {i.path[len(target.path.rstrip("/")) + 1:]: i.size
+               for i in target.fs.get_file_info(pafs.FileSelector(target.path, recursive=True))
+               if i.type == pafs.FileType.File}
+        missing = sorted(k for k, size in want.items() if got.get(k) != size)
+        if missing:
+            raise OSError(f"{len(missing)} of {len(want)} checkpoint file(s) missing or short in {target} "
+                          f"after the copy (first: {missing[0]})")
         target.join(self.MARKER).write_bytes(b"")
         done = self._complete()
         keep = {name for _, name in done[-self.keep:]}
