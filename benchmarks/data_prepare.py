@@ -12,7 +12,9 @@ residues/s, CPU seconds (user + system of every process in the tree, from the st
 measured run; the less load-sensitive figure on a shared machine) per million residues and the rate they
 imply on all cores, and peak RSS of the driver and of the tree, plus the tree's PSS (shared pages counted
 once: the honest total) and, at its peak, by process kind (Ray's daemons and agents, Ray Data's actors,
-workers, driver). Baseline: ``platform/protscale/data/prepare.py`` at
+workers, driver), with the pages of Ray's object store (plasma's shared memory, which every worker maps:
+the shuffle's data in flight) counted apart, once, rather than as the memory of whichever worker touched
+them. Baseline: ``platform/protscale/data/prepare.py`` at
 git ``HEAD~N`` that still holds the whole corpus in one process (``--baseline-rev``), loaded from git
 into a temporary module, same inputs, same machine, same run.
 """
@@ -119,6 +121,17 @@ def _kind(p) -> str:
     return "ray workers" if "default_worker" in cmd else name
 
 
+OBJECT_STORE = "object store pages"
+
+
+def _store_pss(p) -> int:
+    """The PSS of ``p``'s mapping of Ray's object store (plasma's shared-memory file): pages of objects the
+    process wrote or read. Summed over the tree, every resident page of the store counts once; a worker
+    keeps its pages mapped after the objects are freed (plasma reuses them), so without this split they
+    read as the worker's own memory."""
+    return sum(m.pss for m in p.memory_maps(grouped=True) if "plasma" in m.path)
+
+
 def measure(impl: str, files: list[str], args) -> dict:
     """Run one child; sample its process tree every 0.2 s between its MARK start and MARK end lines."""
     import psutil
@@ -133,7 +146,7 @@ def measure(impl: str, files: list[str], args) -> dict:
     started, done, lock = threading.Event(), threading.Event(), threading.Lock()
 
     def snapshot(into: dict[int, float] | None = None) -> None:
-        rss, pss, kinds = {}, {}, {}
+        rss, pss, store, kinds = {}, {}, {}, {}
         for p in _tree(root):
             try:
                 with p.oneshot():
@@ -142,6 +155,7 @@ def measure(impl: str, files: list[str], args) -> dict:
                     if into is None:
                         mem = p.memory_full_info()
                         rss[p.pid], pss[p.pid] = mem.rss, mem.pss
+                        store[p.pid] = _store_pss(p)
                         kinds[p.pid] = "driver" if p.pid == root.pid else _kind(p)
             except psutil.Error:
                 pass
@@ -150,11 +164,11 @@ def measure(impl: str, files: list[str], args) -> dict:
             peak["tree"] = max(peak["tree"], sum(rss.values()))
             if sum(pss.values()) > peak["tree_pss"]:
                 peak["tree_pss"] = sum(pss.values())
-                by_kind: dict[str, float] = {}
+                by_kind: dict[str, float] = {OBJECT_STORE: sum(store.values())}
                 n_workers = sum(k == "ray workers" for k in kinds.values())
                 for pid, k in kinds.items():
                     k = f"{n_workers} ray workers" if k == "ray workers" else k
-                    by_kind[k] = by_kind.get(k, 0) + pss[pid]
+                    by_kind[k] = by_kind.get(k, 0) + pss[pid] - store[pid]
                 peak["by_kind"] = by_kind
 
     def sample() -> None:
@@ -197,6 +211,11 @@ def _work_mb(r: dict) -> float:
     return sum(v for k, v in r["pss_by_kind_mb"].items() if k == "driver" or k.endswith("ray workers"))
 
 
+def _ray_mb(r: dict) -> float:
+    """PSS (MB) at the tree's peak of Ray's own processes (daemons, agents, Ray Data's actors)."""
+    return sum(r["pss_by_kind_mb"].values()) - _work_mb(r) - r["pss_by_kind_mb"].get(OBJECT_STORE, 0)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,all", help="comma-separated: a number of shards (weight 1 each), "
@@ -227,8 +246,9 @@ def main() -> int:
                   f"{os.cpu_count()} fully used cores; peak RSS driver {r['peak_driver_gb']:.2f} GB, process tree "
                   f"{r['peak_tree_gb']:.2f} GB (PSS {r['peak_tree_pss_gb']:.2f} GB)"
                   + "; PSS at its peak (MB): " + ", ".join(f"{k} {v}" for k, v in r["pss_by_kind_mb"].items())
-                  + (f" = work (driver + Ray workers) {_work_mb(r) / 1e3:.2f} GB + Ray's own processes "
-                     f"{(sum(r['pss_by_kind_mb'].values()) - _work_mb(r)) / 1e3:.2f} GB" if impl == "ray" else "")
+                  + (f" = work (driver + Ray workers, their own pages) {_work_mb(r) / 1e3:.2f} GB + {OBJECT_STORE} "
+                     f"{r['pss_by_kind_mb'].get(OBJECT_STORE, 0) / 1e3:.2f} GB + Ray's own processes "
+                     f"{_ray_mb(r) / 1e3:.2f} GB" if impl == "ray" else "")
                   + (f"; Ray start + warm-up {r['ray_start_s']:.1f} s; stages (s) "
                      + ", ".join(f"{k} {v:.1f}" for k, v in r["stages_s"].items()) if impl == "ray" else ""),
                   flush=True)
@@ -243,8 +263,11 @@ def main() -> int:
     sizes = args.sizes.split(",")
     if len(sizes) >= 2:
         a, b = by[(sizes[0], "ray")], by[(sizes[-1], "ray")]
-        print(f"work processes' PSS (driver + Ray workers, the part that depends on the data) {sizes[0]} -> "
-              f"{sizes[-1]}: {_work_mb(a) / 1e3:.2f} -> {_work_mb(b) / 1e3:.2f} GB (x{_work_mb(b) / _work_mb(a):.2f})")
+        store_a, store_b = (x["pss_by_kind_mb"].get(OBJECT_STORE, 0) for x in (a, b))
+        print(f"PSS at the peak {sizes[0]} -> {sizes[-1]}: work processes' own pages (driver + Ray workers) "
+              f"{_work_mb(a) / 1e3:.2f} -> {_work_mb(b) / 1e3:.2f} GB (x{_work_mb(b) / _work_mb(a):.2f}); {OBJECT_STORE} "
+              f"(the shuffle's data in flight, bounded by the store's size, spilled beyond) {store_a / 1e3:.2f} -> "
+              f"{store_b / 1e3:.2f} GB; Ray's own processes {_ray_mb(a) / 1e3:.2f} -> {_ray_mb(b) / 1e3:.2f} GB")
         print(f"ray scaling {sizes[0]} -> {sizes[-1]}: residues x{b['residues'] / a['residues']:.1f}, "
               f"time x{b['wall_s'] / a['wall_s']:.2f}, CPU x{b['cpu_s'] / a['cpu_s']:.2f}, driver RSS x{b['peak_driver_gb'] / a['peak_driver_gb']:.2f}, "
               f"tree RSS x{b['peak_tree_gb'] / a['peak_tree_gb']:.2f}, tree PSS x{b['peak_tree_pss_gb'] / a['peak_tree_pss_gb']:.2f}")

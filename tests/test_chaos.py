@@ -168,7 +168,7 @@ def can_mount(tmp_path):
 @pytest.mark.slow
 @pytest.mark.chaos
 def test_chaos(tmp_path, can_mount, record_figure):
-    _chaos(tmp_path, record_figure, n_faults=12, trials=6, steps=40, timeout_s=1800)
+    _chaos(tmp_path, record_figure, n_faults=12, trials=6, steps=32, timeout_s=1800)
 
 
 @pytest.mark.soak
