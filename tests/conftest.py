@@ -55,16 +55,17 @@ def demo_data(tmp_path_factory, ray_local) -> Path:
 
 # Tests that start Ray (the session's local Ray, a cluster, or a command that prepares data or runs a
 # sweep) run on one pytest-xdist worker, one after another (`make test`: ``-n 2 --dist loadgroup``); the
-# tests whose multi-node cluster is their own (chaos, live elastic resizes) run on the other worker, beside
+# tests whose multi-node cluster is their own (chaos, live elastic resizes, preparation on two nodes) run
+# on the other worker, beside
 # the tests that start no Ray.
 # On 2 cores, two local Rays side by side missed Ray's start-up timeouts or hung a sweep. A test outside
 # these groups that starts a Ray fails (``_no_ray_outside_the_groups``).
 RAY_FIXTURES = {"ray_local", "demo_data"}
-RAY_MODULES = {"test_adaptive_sweep", "test_data_cluster", "test_data_prepare", "test_data_storage",
+RAY_MODULES = {"test_adaptive_sweep", "test_data_prepare", "test_data_storage",
                "test_submit", "test_sweep", "test_sweep_progress", "test_train"}
 RAY_TESTS = {"test_ctrl_c_during_data_prepare_leaves_nothing_and_a_rerun_works",
              "test_every_command_fails_in_one_line_on_hostile_input"}
-OWN_CLUSTER_MODULES = {"test_chaos", "test_elastic_live"}
+OWN_CLUSTER_MODULES = {"test_chaos", "test_data_cluster", "test_elastic_live"}
 
 
 def _group(item) -> str | None:
