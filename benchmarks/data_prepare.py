@@ -162,6 +162,8 @@ def measure(impl: str, files: list[str], args) -> dict:
         if into is None:
             peak["driver"] = max(peak["driver"], rss.get(root.pid, 0))
             peak["tree"] = max(peak["tree"], sum(rss.values()))
+            own = [pss[pid] - store[pid] for pid, k in kinds.items() if k in ("driver", "ray workers")]
+            peak["process_own"] = max([peak.get("process_own", 0)] + own)
             if sum(pss.values()) > peak["tree_pss"]:
                 peak["tree_pss"] = sum(pss.values())
                 by_kind: dict[str, float] = {OBJECT_STORE: sum(store.values())}
@@ -200,6 +202,7 @@ def measure(impl: str, files: list[str], args) -> dict:
     result["peak_driver_gb"] = peak["driver"] / 1e9
     result["peak_tree_gb"] = peak["tree"] / 1e9
     result["peak_tree_pss_gb"] = peak["tree_pss"] / 1e9
+    result["peak_process_own_gb"] = peak.get("process_own", 0) / 1e9
     result["pss_by_kind_mb"] = {k: round(v / 1e6) for k, v in sorted(peak["by_kind"].items(), key=lambda kv: -kv[1])}
     result["cpu_s"] = sum(c - cpu0.get(pid, 0.0) for pid, c in cpu.items())
     return result
@@ -244,7 +247,8 @@ def main() -> int:
                   f"{r['wall_s']:.1f} s, {r['residues'] / r['wall_s'] / 1e6:.2f}M residues/s; CPU {r['cpu_s']:.1f} s "
                   f"= {cpu_per_m:.3f} CPU-s per M residues, {os.cpu_count() / cpu_per_m:.1f}M residues/s on "
                   f"{os.cpu_count()} fully used cores; peak RSS driver {r['peak_driver_gb']:.2f} GB, process tree "
-                  f"{r['peak_tree_gb']:.2f} GB (PSS {r['peak_tree_pss_gb']:.2f} GB)"
+                  f"{r['peak_tree_gb']:.2f} GB (PSS {r['peak_tree_pss_gb']:.2f} GB); largest process (driver or a "
+                  f"worker, its own pages) {r['peak_process_own_gb']:.2f} GB"
                   + "; PSS at its peak (MB): " + ", ".join(f"{k} {v}" for k, v in r["pss_by_kind_mb"].items())
                   + (f" = work (driver + Ray workers, their own pages) {_work_mb(r) / 1e3:.2f} GB + {OBJECT_STORE} "
                      f"{r['pss_by_kind_mb'].get(OBJECT_STORE, 0) / 1e3:.2f} GB + Ray's own processes "
@@ -267,7 +271,9 @@ def main() -> int:
         print(f"PSS at the peak {sizes[0]} -> {sizes[-1]}: work processes' own pages (driver + Ray workers) "
               f"{_work_mb(a) / 1e3:.2f} -> {_work_mb(b) / 1e3:.2f} GB (x{_work_mb(b) / _work_mb(a):.2f}); {OBJECT_STORE} "
               f"(the shuffle's data in flight, bounded by the store's size, spilled beyond) {store_a / 1e3:.2f} -> "
-              f"{store_b / 1e3:.2f} GB; Ray's own processes {_ray_mb(a) / 1e3:.2f} -> {_ray_mb(b) / 1e3:.2f} GB")
+              f"{store_b / 1e3:.2f} GB; Ray's own processes {_ray_mb(a) / 1e3:.2f} -> {_ray_mb(b) / 1e3:.2f} GB; "
+              f"largest process {a['peak_process_own_gb']:.2f} -> {b['peak_process_own_gb']:.2f} GB "
+              f"(x{b['peak_process_own_gb'] / max(a['peak_process_own_gb'], 1e-9):.2f})")
         print(f"ray scaling {sizes[0]} -> {sizes[-1]}: residues x{b['residues'] / a['residues']:.1f}, "
               f"time x{b['wall_s'] / a['wall_s']:.2f}, CPU x{b['cpu_s'] / a['cpu_s']:.2f}, driver RSS x{b['peak_driver_gb'] / a['peak_driver_gb']:.2f}, "
               f"tree RSS x{b['peak_tree_gb'] / a['peak_tree_gb']:.2f}, tree PSS x{b['peak_tree_pss_gb'] / a['peak_tree_pss_gb']:.2f}")
