@@ -84,6 +84,18 @@ def test_isoflop_recovers_exponents():
                                     max(r["n_exponent_ci95_run"][1], r["n_exponent_ci95_budget"][1])]
 
 
+def test_isoflop_intervals_do_not_depend_on_the_order_of_the_runs():
+    """A store lists runs in start order, which varies with how concurrent trials interleave: the same
+    runs must give the same frontier and the same bootstrap intervals in any order."""
+    pts = synthetic.isoflop_points(n_exponent=0.6, seed=3)
+    a = isoflop.fit_isoflop(pts, n_boot=200, seed=0).result
+    for order in (1, 2):
+        b = isoflop.fit_isoflop(pts.sample(frac=1, random_state=order).reset_index(drop=True), n_boot=200,
+                                seed=0).result
+        assert b["n_exponent"] == pytest.approx(a["n_exponent"], abs=1e-12)
+        assert b["n_exponent_ci95"] == a["n_exponent_ci95"] and b["n_exponent_ci95_run"] == a["n_exponent_ci95_run"]
+
+
 def test_isoflop_on_parametric_law_matches_its_allocation_exponent():
     law = dict(synthetic.LAW, alpha=0.4, beta=0.4)   # symmetric profiles: the parabola vertex is unbiased
     runs, curves = synthetic.parametric_runs(law=law, noise=0.001, seed=4)

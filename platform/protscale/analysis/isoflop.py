@@ -130,7 +130,10 @@ def fit_isoflop(points: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, obje
     Raises UserError when fewer than two budgets give a vertex.
     """
     label = f"objective {objective}: " if objective else ""
-    pts = _finite(points)
+    # The bootstraps resample rows by position: fit the points in an order of their own, not in the order
+    # a store lists its runs (start order, which varies with how concurrent trials interleave), so the same
+    # runs give the same intervals.
+    pts = _finite(points).sort_values(["budget", "n_params", "loss"], kind="stable").reset_index(drop=True)
     if pts.empty:
         raise FrontierNotFitted(f"{label}no finite final losses to fit an IsoFLOP profile")
     budgets = np.sort(pts["budget"].unique())
