@@ -56,8 +56,7 @@ def demo_data(tmp_path_factory, ray_local) -> Path:
 # Tests that start Ray (the session's local Ray, a cluster, or a command that prepares data or runs a
 # sweep) run on one pytest-xdist worker, one after another (`make test`: ``-n 2 --dist loadgroup``); the
 # tests whose multi-node cluster is their own (chaos, live elastic resizes, preparation on two nodes) run
-# on the other worker, beside
-# the tests that start no Ray.
+# on the other worker, beside the tests that start no Ray.
 # On 2 cores, two local Rays side by side missed Ray's start-up timeouts or hung a sweep. A test outside
 # these groups that starts a Ray fails (``_no_ray_outside_the_groups``).
 RAY_FIXTURES = {"ray_local", "demo_data"}

@@ -82,11 +82,11 @@ def save(engine, state: dict, rank: int) -> str:
 class TrialStore:
     """A trial's checkpoints at ``root`` (a local path or a URI), for Train's local mode inside Tune.
 
-    ``checkpoint_<step>`` directories; one is complete once its ``.complete`` marker exists (written
-    after every other file is checked in place, so a checkpoint cut off by a crash or a full disk is never
-    resumed from) and so does its ``trial_state.json``. Only the trial
-    itself writes and reads here: after a new checkpoint is complete it deletes all but the latest
-    ``keep``, so the storage a trial holds is bounded by ``keep`` checkpoints however long it runs."""
+    ``checkpoint_<step>`` directories; one is complete once both its ``trial_state.json`` and its
+    ``.complete`` marker exist. The marker is written after every other file is checked in place, so a
+    checkpoint cut off by a crash or a full disk is never resumed from. Only the trial itself writes and
+    reads here: after a new checkpoint is complete it deletes all but the latest ``keep``, so the storage
+    a trial holds is bounded by ``keep`` checkpoints however long it runs."""
 
     MARKER = ".complete"
 
@@ -133,6 +133,10 @@ class TrialStore:
                if i.type == pafs.FileType.File}
         missing = sorted(k for k, size in want.items() if got.get(k) != size)
         if missing:
+            try:                                 # nothing half-written stays (on a full disk, its space too)
+                target.remove()
+            except OSError:
+                pass
             raise OSError(f"{len(missing)} of {len(want)} checkpoint file(s) missing or short in {target} "
                           f"after the copy (first: {missing[0]})")
         target.join(self.MARKER).write_bytes(b"")
