@@ -96,6 +96,27 @@ def test_isoflop_intervals_do_not_depend_on_the_order_of_the_runs():
         assert b["n_exponent_ci95"] == a["n_exponent_ci95"] and b["n_exponent_ci95_run"] == a["n_exponent_ci95_run"]
 
 
+def test_parametric_fit_and_intervals_do_not_depend_on_the_order_of_the_runs():
+    """As for IsoFLOP: the same runs in another order give the same law, basins and bootstrap replicates."""
+    runs, curves = synthetic.parametric_runs(budgets=(1e18, 1e19, 1e20), sizes_per_budget=5, noise=0.006, seed=12,
+                                             points=6)
+    clean, cc, _ = run_checks(runs, curves)
+    fp = final_points(clean, cc)
+
+    def fit(f):
+        n, d, L = (f[k].to_numpy(float) for k in ("n_params", "final_tokens", "final_loss"))
+        fit = parametric.fit_parametric(n, d, L, grid="coarse")
+        return fit, parametric.bootstrap_parametric(n, d, L, f["budget"].to_numpy(), fit, n_boot=6, grid="coarse")
+
+    a, a_boot = fit(fp)
+    b, b_boot = fit(fp.sample(frac=1, random_state=1).reset_index(drop=True))
+    assert b.best == pytest.approx(a.best, rel=1e-12)
+    assert [x["n_starts"] for x in b.basins] == [x["n_starts"] for x in a.basins]
+    for scheme in ("run", "budget"):
+        for k in ("alpha", "beta", "allocation_exponent"):
+            np.testing.assert_allclose(b_boot[scheme][k], a_boot[scheme][k], rtol=1e-12)
+
+
 def test_isoflop_on_parametric_law_matches_its_allocation_exponent():
     law = dict(synthetic.LAW, alpha=0.4, beta=0.4)   # symmetric profiles: the parabola vertex is unbiased
     runs, curves = synthetic.parametric_runs(law=law, noise=0.001, seed=4)

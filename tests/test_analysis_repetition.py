@@ -120,3 +120,33 @@ def test_r_star_without_unique_tokens_is_not_made_up():
     res = repetition.fit_dataset("ur50", [pair], unique=None, n_boot=10, seed=0)
     assert res["r_star"] is None and not res["r_star_identified"]
     assert "--unique-tokens ur50=N" in res["reason"] and res["saturation_tokens"] > 0
+
+
+def test_repetition_does_not_depend_on_the_order_of_the_runs():
+    """A store lists runs in start order: the same curves in another order give the same R*, U and intervals
+    (the block bootstrap draws curve by curve), the same fresh partner among equally long fresh runs, and
+    the same dataset first among datasets with as many pairs."""
+    pairs = [dict(_pair(2e9, 4.0, noise=0.003, seed=s), label=f"rep-{s}") for s in (1, 2, 3)]
+    a = repetition.fit_repetition(pairs, n_boot=10)
+    b = repetition.fit_repetition(pairs[::-1], n_boot=10)
+    assert [b[k] for k in ("r_star", "unique_tokens")] == pytest.approx([a[k] for k in ("r_star", "unique_tokens")],
+                                                                         rel=1e-12)
+    assert b["r_star_ci95"] == a["r_star_ci95"] and b["unique_tokens_ci95"] == a["unique_tokens_ci95"]
+    # through the pipeline: a second fresh run per size (another seed, as long as the first) and a second
+    # repeated dataset with as many pairs as the first
+    from protscale.analysis.pipeline import Config, analyze
+
+    runs, curves = _tagged_runs(2e9, 4.0)
+    more, more_c = _tagged_runs(2e9, 4.0, seed=1)
+    fresh = more[more["run_id"].str.startswith("fresh")]
+    runs = pd.concat([runs, fresh.assign(run_id=fresh["run_id"] + "-s1", run_name=fresh["run_name"] + "-s1")],
+                     ignore_index=True)
+    curves = pd.concat([curves, more_c[more_c["run_id"].isin(fresh["run_id"])].assign(
+        run_id=lambda f: f["run_id"] + "-s1")], ignore_index=True)
+    runs.loc[runs["run_id"] == "rep-1e+08", "data"] = "rep2"
+    cfg = Config(n_boot=20, n_boot_parametric=10, n_boot_repetition=10, unique_tokens={"rep": 2e9, "rep2": 2e9},
+                 parametric_grid="coarse", progress=False)
+    first = analyze(runs, curves, cfg).results["objectives"]["clm"]["repetition"]
+    for order in (1, 2, 3):
+        again = analyze(runs.sample(frac=1, random_state=order), curves, cfg).results["objectives"]["clm"]["repetition"]
+        assert again == first

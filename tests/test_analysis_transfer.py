@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.optimize import minimize_scalar
 
@@ -44,6 +45,28 @@ def test_planted_transfer_law_and_source_rule_are_recovered():
     sr = fit["source_rule"]
     assert sr["coefficient"] == pytest.approx(5.0, rel=1e-6) and sr["exponent"] == pytest.approx(1.0, abs=1e-9)
     assert sr["n_runs"] == 4
+
+
+def test_transfer_pairs_and_fit_do_not_depend_on_the_order_of_the_runs():
+    """A store lists runs in start order: with a second scratch run of the same size and budget (another seed),
+    the same scratch run is paired in any order, and the law and its intervals come out the same."""
+    runs, curves = synthetic.transfer_runs(law=MLM_LAW, k=K, a=A, b=B, noise=0.01, seed=3)
+    more, more_c = synthetic.transfer_runs(law=MLM_LAW, k=K, a=A, b=B, noise=0.01, seed=4)
+    seed1 = more[more["run_id"].str.contains("scratch")]
+    runs = pd.concat([runs, seed1.assign(run_id=seed1["run_id"] + "-seed1")], ignore_index=True)
+    curves = pd.concat([curves, more_c[more_c["run_id"].isin(seed1["run_id"])].assign(
+        run_id=lambda f: f["run_id"] + "-seed1")], ignore_index=True)
+    runs = runs.assign(budget=runs["budget_flops"])
+    td = transfer.transfer_points(curves, runs, "mlm")
+    fit = transfer.fit_transfer(td.points, n_boot=100, pairs=td.pairs)
+    for order in (2, 3):                               # orders that listed another scratch run first
+        td2 = transfer.transfer_points(curves, runs.sample(frac=1, random_state=order), "mlm")
+        assert {p["run_id"]: p["scratch_run_id"] for p in td2.pairs} == {p["run_id"]: p["scratch_run_id"]
+                                                                          for p in td.pairs}
+        fit2 = transfer.fit_transfer(td2.points, n_boot=100, pairs=td2.pairs)
+        assert [fit2[k] for k in ("k", "a", "b")] == pytest.approx([fit[k] for k in ("k", "a", "b")], rel=1e-12)
+        assert all(fit2[k] == fit[k] for k in ("a_ci95", "b_ci95", "efficiency_ci95"))
+        assert td2.pairs == td.pairs                   # listed in one order too
 
 
 @pytest.mark.parametrize("coef,C", [(5.0, 1e21), (20.0, 1e20)])

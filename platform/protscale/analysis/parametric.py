@@ -291,6 +291,10 @@ def _fit_parametric(n, d, loss, *, weights=None, grid: dict | None = None, init=
     ok = np.isfinite(n) & np.isfinite(d) & np.isfinite(loss) & (n > 0) & (d > 0) & (loss > 0)
     n, d, loss = n[ok], d[ok], loss[ok]
     w = np.ones(n.size) if weights is None else np.asarray(weights, dtype=float)[ok]
+    # The points in an order of their own (N, D, L), not in the order a store lists its runs: the objective's
+    # sums round differently in another order, which moves L-BFGS's end points and the basins' start counts.
+    o = np.lexsort((loss, d, n))
+    n, d, loss, w = n[o], d[o], loss[o], w[o]
     logN, logD, logL = np.log(n), np.log(d), np.log(loss)
 
     def fg(x, idx):
@@ -438,7 +442,10 @@ def _bootstrap_parametric(n, d, loss, blocks, fit: ParametricFit, *, n_boot: int
     of them) and how many distinct basins lie within ``basin_rel_tol`` of its own optimum.
     """
     n, d, loss = (np.asarray(v, dtype=float) for v in (n, d, loss))
-    blocks = np.asarray(blocks)
+    # The run-level bootstrap resamples points by position: take them in an order of their own (N, D, L),
+    # not in the order a store lists its runs, so the same runs give the same intervals.
+    o = np.lexsort((loss, d, n))
+    n, d, loss, blocks = n[o], d[o], loss[o], np.asarray(blocks)[o]
     logN, logD, logL = np.log(n), np.log(d), np.log(loss)
     starts = grid_starts(grid)
     rng = np.random.default_rng(seed)

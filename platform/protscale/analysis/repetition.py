@@ -81,6 +81,9 @@ def fit_repetition(pairs: list[dict], *, n_boot: int = 200, seed: int = 0, uniqu
             segs.append((p.get("label", ""), d, dp))
     if not segs:
         return None
+    # The bootstrap draws blocks curve by curve: take the curves in an order of their own (label, then data),
+    # not in the order a store lists its runs, so the same runs give the same intervals.
+    segs.sort(key=lambda s: (s[0], s[1].tolist(), s[2].tolist()))
     d = np.concatenate([s[1] for s in segs])
     dp = np.concatenate([s[2] for s in segs])
     seg_id = np.concatenate([np.full(s[1].size, i) for i, s in enumerate(segs)])
@@ -122,6 +125,9 @@ def pairs_from_runs(runs, curves, size_tol: float = 0.02) -> dict[str, list[dict
     ``runs``: run_id, run_name, n_params, data, epochs (``data.py``); ``curves``: run_id, tokens, loss."""
     if "data" not in runs or runs["data"].isna().all():
         return {}
+    # Runs in an order of their own (by run_id), not in the order a store lists them: a fresh partner is the
+    # first of equally long candidates, and the datasets are listed (so tied for most pairs) in this order.
+    runs = runs.sort_values("run_id", kind="stable")
     epochs = runs["epochs"].astype(float)
     fresh = runs[epochs <= 1]
     repeated = runs[runs["data"].notna() & ~(epochs <= 1) & ~runs["data"].isin(fresh["data"].dropna())]

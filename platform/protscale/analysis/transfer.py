@@ -96,7 +96,9 @@ def transfer_points(curves: pd.DataFrame, runs: pd.DataFrame, objective: str, *,
     n_params, budget (the IsoFLOP budget label or the run's budget), init_from, init_objective,
     init_budget_flops.
     """
-    runs = runs.set_index("run_id")
+    # Runs in an order of their own (by run_id), not in the order a store lists them: a scratch partner is
+    # the first of equally good candidates, and the points' order changes the fit in its last digits.
+    runs = runs.set_index("run_id").sort_index(kind="stable")
     target = runs[(runs["objective"] == objective)]
     is_transfer = target["init_from"].fillna("").astype(str).str.len() > 0
     tr, sc = target[is_transfer], target[~is_transfer]
