@@ -9,11 +9,13 @@ Nothing holds the corpus in one process; every stage works on a bounded piece of
    bucket: ``hash % n_buckets``. A block becomes an Arrow table on its own buffers (no per-row objects).
 2. **De-duplicate** by hash partitioning: Ray Data's hash shuffle (``repartition(keys=["bucket"])``,
    ``ShuffleStrategy.SHUFFLE_V2``) brings every copy of a sequence to the same partition, whose task
-   keeps the first occurrence (sources in the order given, then the ``--ood`` file): rows sorted by
-   hash, the sequences themselves compared where hashes tie. It writes each bucket's unique rows to one
-   intermediate Parquet file. Partitions are sized from the input (``_shuffle_sizes``: ~8 MiB of
-   records each up to 2,048 partitions), so memory per task is bounded whatever the corpus size; the
-   shuffle's compressed pieces wait in Ray's object store, which spills them to disk when it is full.
+   keeps the first occurrence (sources in the order given, then the ``--ood`` file), one bucket at a
+   time: rows sorted by hash, the sequences themselves compared where hashes tie. It writes each bucket's
+   unique rows to one intermediate Parquet file. Partitions are sized from the input
+   (``_shuffle_sizes``: ~8 MiB of records each up to 2,048 partitions), so memory per task is bounded
+   whatever the corpus size; the shuffle's compressed pieces wait in Ray's object store, which spills
+   them to disk when it is full. Every task ends by handing the memory it freed back to the system
+   (``_hand_back_memory``), so a long-lived worker stays at its largest task's working set.
 3. **OOD test split**: the ``--ood`` file's unique sequences not found in any source; or with
    ``--ood-clusters``, whole ``mmseqs easy-cluster`` clusters holding that fraction of the residues
    (mmseqs reads one FASTA streamed from the buckets); else none.
@@ -33,6 +35,8 @@ a directory without it, so a failed or interrupted run never leaves a dataset th
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import json
 import logging
@@ -219,6 +223,27 @@ def _run(fn):
         log.setLevel(level)
 
 
+def _hand_back_memory() -> None:
+    """A worker runs many tasks, one after another: at the end of each, return the memory it freed to the
+    system (Arrow's allocator, and glibc's heap, where numpy's arrays live), so that a worker holds about
+    the working set of its largest task rather than a high-water mark that creeps up task after task."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None (another C library, another system)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim if sys.platform.startswith("linux") else None
+    except (OSError, AttributeError):
+        return None
+
+
 def _node_id() -> str:
     import ray
 
@@ -255,6 +280,7 @@ def _read_files(batch: dict, *, inputs: list[tuple], n_buckets: int, on_invalid:
         yield pa.table({"bucket": pa.array([-1], pa.int32()), "src": pa.array([i], pa.int32()),
                         "ord": pa.array([-1], pa.int64()), "seq": pa.array([json.dumps(stats).encode()]),
                         "h": pa.array([0], pa.uint64())})
+        _hand_back_memory()
 
 
 def _records_table(pa, src: int, start: int, blk, n_buckets: int):
@@ -271,56 +297,61 @@ def _records_table(pa, src: int, start: int, blk, n_buckets: int):
 
 # --------------------------------------------------------------------------------- 2. de-duplicate
 def _dedup_partition(table, *, work: Location, n_files: int, ood_index: int):
-    """Ray Data UDF for one partition of the hash shuffle (every row of the buckets it holds): keep the
-    first occurrence of every sequence, write each bucket's unique rows (sorted by hash) to
-    ``work/bucket-<b>.parquet``, return one JSON note of counts per bucket. Rows of ``bucket = -1`` hold
-    the read tasks' file statistics and are passed through as notes."""
+    """Ray Data UDF for one partition of the hash shuffle (every row of the buckets it holds): de-duplicate
+    it bucket by bucket (``_dedup_bucket``), and return one JSON note of counts per bucket. Rows of
+    ``bucket = -1`` hold the read tasks' file statistics and are passed through as notes.
+
+    A partition holds a few buckets, and how many varies (the shuffle hashes bucket ids to partitions: at
+    23 buckets in 24 partitions, one holds 3), so one bucket at a time keeps a task's working set at the
+    partition's records plus one bucket's sort, whichever partition it gets."""
+    import pyarrow as pa
+
+    bucket = table["bucket"].to_numpy()
+    notes = [x for x in table["seq"].filter(pa.array(bucket < 0)).to_pylist()]
+    by_bucket = np.argsort(bucket, kind="stable")
+    by_bucket = by_bucket[bucket[by_bucket] >= 0]
+    cuts = np.flatnonzero(np.diff(bucket[by_bucket])) + 1
+    for rows in np.split(by_bucket, cuts) if by_bucket.size else []:
+        note = _dedup_bucket(table.take(pa.array(rows)), int(bucket[rows[0]]), work=work, n_files=n_files,
+                             ood_index=ood_index)
+        notes.append(json.dumps(note).encode())
+    del table
+    _hand_back_memory()
+    return pa.table({"note": pa.array(notes, pa.binary())})
+
+
+def _dedup_bucket(table, b: int, *, work: Location, n_files: int, ood_index: int) -> dict:
+    """Keep the first occurrence of every sequence of bucket ``b`` (sources in the order given, then the
+    OOD file), write those rows sorted by hash to ``work/bucket-<b>.parquet``; return the bucket's counts."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    bucket = table["bucket"].to_numpy()
-    notes = [x for x in table["seq"].filter(pa.array(bucket < 0)).to_pylist()]
-    table = table.filter(pa.array(bucket >= 0))
-    if table.num_rows:
-        # Copies of a sequence have equal hashes (hence one bucket): sorting by hash first compares the bytes
-        # only on hash ties.
-        table = table.sort_by([("h", "ascending"), ("seq", "ascending"), ("src", "ascending"),
-                               ("ord", "ascending")])
-        seq = table["seq"].combine_chunks()
-        src = table["src"].to_numpy()
-        h = table["h"].to_numpy()
-        bucket = table["bucket"].to_numpy()
-        n = len(seq)
-        first = np.ones(n, dtype=bool)
-        tie = np.flatnonzero(h[1:] == h[:-1])
-        if tie.size:
-            same = pc.equal(seq.take(pa.array(tie + 1)), seq.take(pa.array(tie)))
-            first[tie + 1] = ~same.to_numpy(zero_copy_only=False)
-        lengths = pc.binary_length(seq).to_numpy().astype(np.int64)
-        owner = src[np.maximum.accumulate(np.where(first, np.arange(n), 0))]  # src of each row's first copy
-        dup = ~first
-        overlap = dup & (src == ood_index) & (owner != ood_index)  # an OOD record that a source also holds
-        plain = dup & ~overlap
-        by_bucket = np.argsort(bucket, kind="stable")  # each bucket's rows stay in hash order
-        cuts = np.flatnonzero(np.diff(bucket[by_bucket])) + 1
-        for rows in np.split(by_bucket, cuts):
-            b = int(bucket[rows[0]])
-            mine = rows[first[rows]]
-            keep = table.take(pa.array(mine)).select(["src", "h", "seq"])
-            pq.write_table(keep, work.join(f"bucket-{b:05d}.parquet").path, filesystem=work.fs,
-                           compression=INTERMEDIATE_COMPRESSION, use_dictionary=False, write_statistics=False)
-            p = rows[plain[rows]]
-            note = {"bucket": b, "node": _node_id(), "rows": int(mine.size),
-                    "unique": np.bincount(src[mine], minlength=n_files).tolist(),
-                    "unique_residues": np.bincount(src[mine], lengths[mine], minlength=n_files).astype(int).tolist(),
-                    "duplicates": np.bincount(src[p], minlength=n_files).tolist(),
-                    "duplicate_residues": np.bincount(src[p], lengths[p], minlength=n_files).astype(int).tolist(),
-                    "overlap": int(overlap[rows].sum())}
-            notes.append(json.dumps(note).encode())
-        del table, seq, keep
-    pa.default_memory_pool().release_unused()  # a worker runs many tasks: hand back what this one freed
-    return pa.table({"note": pa.array(notes, pa.binary())})
+    # Copies of a sequence have equal hashes: sorting by hash first compares the bytes only on hash ties.
+    table = table.sort_by([("h", "ascending"), ("seq", "ascending"), ("src", "ascending"), ("ord", "ascending")])
+    seq = table["seq"].combine_chunks()
+    src = table["src"].to_numpy()
+    h = table["h"].to_numpy()
+    n = len(seq)
+    first = np.ones(n, dtype=bool)
+    tie = np.flatnonzero(h[1:] == h[:-1])
+    if tie.size:
+        same = pc.equal(seq.take(pa.array(tie + 1)), seq.take(pa.array(tie)))
+        first[tie + 1] = ~same.to_numpy(zero_copy_only=False)
+    lengths = pc.binary_length(seq).to_numpy().astype(np.int64)
+    owner = src[np.maximum.accumulate(np.where(first, np.arange(n), 0))]  # src of each row's first copy
+    dup = ~first
+    overlap = dup & (src == ood_index) & (owner != ood_index)  # an OOD record that a source also holds
+    plain = dup & ~overlap
+    keep = table.filter(pa.array(first)).select(["src", "h", "seq"])
+    pq.write_table(keep, work.join(f"bucket-{b:05d}.parquet").path, filesystem=work.fs,
+                   compression=INTERMEDIATE_COMPRESSION, use_dictionary=False, write_statistics=False)
+    return {"bucket": b, "node": _node_id(), "rows": int(first.sum()),
+            "unique": np.bincount(src[first], minlength=n_files).tolist(),
+            "unique_residues": np.bincount(src[first], lengths[first], minlength=n_files).astype(int).tolist(),
+            "duplicates": np.bincount(src[plain], minlength=n_files).tolist(),
+            "duplicate_residues": np.bincount(src[plain], lengths[plain], minlength=n_files).astype(int).tolist(),
+            "overlap": int(overlap.sum())}
 
 
 # -------------------------------------------------------------------------- 5. split, pack, write
@@ -380,7 +411,7 @@ def _split_bucket(batch: dict, *, work: Location, out: Location, plan: _Plan, n_
                           "source_residues": np.bincount(src[idx], lengths[idx], minlength=n_files)
                           .astype(int).tolist()})
     table = seq = part = rows = None  # noqa: F841 (the last bucket's arrays, before handing memory back)
-    pa.default_memory_pool().release_unused()  # a worker runs many tasks: hand back what this one freed
+    _hand_back_memory()
     return {"note": [json.dumps(n).encode() for n in notes] or [b""]}
 
 
