@@ -2,6 +2,7 @@
 implementation it replaced, at 1 shard and at the full corpus.
 
     .venv/bin/python benchmarks/data_prepare.py [--sizes 1,all] [--seq-len 1024] [--no-baseline]
+    .venv/bin/python benchmarks/data_prepare.py --sizes 1,2,all,2x --no-baseline   # memory per process
 
 Each run is a fresh child process (``--child``) that prepares into a temporary directory; this process
 samples, every 0.2 s with psutil, the resident memory of the child (the driver) and of the child plus
@@ -25,9 +26,11 @@ into a temporary module, same inputs, same machine, same run.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,6 +47,12 @@ def corpus(size: str) -> list[str]:
     shards = sorted(str(p) for p in CORPUS.glob("uniprot-go2014-part-*.fasta.gz"))
     if size == "all":  # sample-2k repeats sequences of the shards: weight 0, it only feeds de-duplication
         return shards + [f"{CORPUS / 'sample-2k.fasta'}:0"]
+    if size == "2x":  # twice the records: copies of the shards at weight 0, read, shuffled and de-duplicated away
+        copies = Path(tempfile.mkdtemp(prefix="protscale-bench-2x-"))
+        atexit.register(shutil.rmtree, copies, True)
+        for s in shards:
+            shutil.copyfile(s, copies / Path(s).name)
+        return shards + [f"{copies / Path(s).name}:0" for s in shards]
     return shards[:int(size)]
 
 
@@ -228,7 +237,8 @@ def _ray_mb(r: dict) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,all", help="comma-separated: a number of shards (weight 1 each), "
-                    "or 'all' (the 8 shards plus sample-2k.fasta at weight 0)")
+                    "'all' (the 8 shards plus sample-2k.fasta at weight 0) or '2x' (the 8 shards plus a copy of "
+                    "each at weight 0: twice the records to read and shuffle)")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--object-store-mb", type=int, default=0,
