@@ -276,6 +276,14 @@ def fit_parametric(*args, **kwargs) -> "ParametricFit":
         return _fit_parametric(*args, **kwargs)
 
 
+def _own_order(n, d, loss, *more):
+    """The points (and arrays aligned with them) sorted by (N, D, L): an order of their own, not the order
+    a store lists its runs in (start order, which varies with how concurrent trials interleave), so the
+    same runs give the same fit and the same bootstrap replicates."""
+    o = np.lexsort((loss, d, n))
+    return (n[o], d[o], loss[o], *(m[o] for m in more))
+
+
 def _fit_parametric(n, d, loss, *, weights=None, grid: dict | None = None, init=None,
                    delta: float = HUBER_DELTA, basin_rel_tol: float = 0.02, max_basins: int = 12,
                    max_polish: int = 40, maxiter: int = 300) -> ParametricFit:
@@ -291,10 +299,7 @@ def _fit_parametric(n, d, loss, *, weights=None, grid: dict | None = None, init=
     ok = np.isfinite(n) & np.isfinite(d) & np.isfinite(loss) & (n > 0) & (d > 0) & (loss > 0)
     n, d, loss = n[ok], d[ok], loss[ok]
     w = np.ones(n.size) if weights is None else np.asarray(weights, dtype=float)[ok]
-    # The points in an order of their own (N, D, L), not in the order a store lists its runs: the objective's
-    # sums round differently in another order, which moves L-BFGS's end points and the basins' start counts.
-    o = np.lexsort((loss, d, n))
-    n, d, loss, w = n[o], d[o], loss[o], w[o]
+    n, d, loss, w = _own_order(n, d, loss, w)  # its sums round alike, so L-BFGS ends alike, in any order
     logN, logD, logL = np.log(n), np.log(d), np.log(loss)
 
     def fg(x, idx):
@@ -442,10 +447,7 @@ def _bootstrap_parametric(n, d, loss, blocks, fit: ParametricFit, *, n_boot: int
     of them) and how many distinct basins lie within ``basin_rel_tol`` of its own optimum.
     """
     n, d, loss = (np.asarray(v, dtype=float) for v in (n, d, loss))
-    # The run-level bootstrap resamples points by position: take them in an order of their own (N, D, L),
-    # not in the order a store lists its runs, so the same runs give the same intervals.
-    o = np.lexsort((loss, d, n))
-    n, d, loss, blocks = n[o], d[o], loss[o], np.asarray(blocks)[o]
+    n, d, loss, blocks = _own_order(n, d, loss, np.asarray(blocks))  # resampled by position below
     logN, logD, logL = np.log(n), np.log(d), np.log(loss)
     starts = grid_starts(grid)
     rng = np.random.default_rng(seed)
