@@ -223,6 +223,17 @@ def _run(fn):
         log.setLevel(level)
 
 
+def _each_note(ds, add) -> None:
+    """Run a stage whose tasks return JSON notes (column ``note``) and hand each note to ``add`` as it
+    arrives; the driver keeps only what ``add`` keeps."""
+    def consume() -> None:
+        for row in ds.iter_rows():
+            if row["note"]:
+                add(json.loads(row["note"]))
+
+    _run(consume)
+
+
 def _hand_back_memory() -> None:
     """A worker runs many tasks, one after another: at the end of each, return the memory it freed to the
     system (Arrow's allocator, and glibc's heap, where numpy's arrays live), so that a worker holds about
@@ -677,15 +688,28 @@ def _pipeline(ray, srcs, inputs, n_files, ood_index, n_buckets, est_residues, bu
     deduped = records.repartition(n_partitions, keys=["bucket"]).map_batches(
         _dedup_partition, batch_size=None, batch_format="pyarrow",
         fn_kwargs={"work": work, "n_files": n_files, "ood_index": ood_index}, **_one_worker_pool())
-    notes = [json.loads(r["note"]) for r in _run(deduped.take_all)]
+    # The notes stream into totals: a bucket's note carries counts per input file, and the paper's corpus
+    # has ~22k buckets, so keeping every parsed note would grow the driver with buckets x files.
+    file_stats, todo, nodes = {}, [], set()
+    unique, unique_res, dups, dup_res = (np.zeros(n_files, np.int64) for _ in range(4))
+    n_overlap = [0]  # OOD records that a source also holds (dropped)
+
+    def add_bucket(n: dict) -> None:
+        nodes.add(n["node"])
+        if "file" in n:
+            file_stats[n["file"]] = n
+            return
+        if n["rows"]:
+            todo.append(n["bucket"])
+        for total, k in ((unique, "unique"), (unique_res, "unique_residues"), (dups, "duplicates"),
+                         (dup_res, "duplicate_residues")):
+            total += n[k]
+        n_overlap[0] += n["overlap"]
+
+    _each_note(deduped, add_bucket)
     timings["read_dedup"] = time.monotonic() - t0
-    file_stats = {n["file"]: n for n in notes if "file" in n}
-    buckets = [n for n in notes if "bucket" in n]
-    unique = np.sum([n["unique"] for n in buckets], axis=0) if buckets else np.zeros(n_files, int)
-    unique_res = np.sum([n["unique_residues"] for n in buckets], axis=0) if buckets else np.zeros(n_files, int)
-    dups = np.sum([n["duplicates"] for n in buckets], axis=0) if buckets else np.zeros(n_files, int)
-    dup_res = np.sum([n["duplicate_residues"] for n in buckets], axis=0) if buckets else np.zeros(n_files, int)
-    overlap = sum(n["overlap"] for n in buckets)
+    todo.sort()
+    overlap = n_overlap[0]
     for i, loc in enumerate(inputs):
         st = file_stats[i]
         if st["bytes"] == 0:
@@ -716,7 +740,7 @@ def _pipeline(ray, srcs, inputs, n_files, ood_index, n_buckets, est_residues, bu
         ood_info["overlap_with_sources_dropped"] = overlap
     elif ood_clusters is not None:
         held, held_n, held_res, ood_info = _cluster_hold_out(
-            work, [n["bucket"] for n in buckets if n["rows"]], ood_clusters, min_seq_id, seed, n_files, say)
+            work, todo, ood_clusters, min_seq_id, seed, n_files, say)
     else:
         ood_info = {"method": "none", "note": "no --ood source and no --ood-clusters: no test split; "
                                               "training logs no test loss"}
@@ -738,15 +762,23 @@ def _pipeline(ray, srcs, inputs, n_files, ood_index, n_buckets, est_residues, bu
 
     # 5. split, tokenise, pack, write
     say(f"mixing, splitting, tokenising and packing into rows of {seq_len}")
-    todo = [n["bucket"] for n in buckets if n["rows"]]
     parts = ray.data.from_items([{"bucket": b} for b in todo], override_num_blocks=max(1, len(todo)))
     written = parts.map_batches(_split_bucket, batch_size=1, batch_format="numpy",
                                 fn_kwargs={"work": work, "out": build, "plan": plan, "n_files": n_files},
                                 **_one_worker_pool())
-    shard_notes = [json.loads(r["note"]) for r in _run(written.take_all) if r["note"]]
+    shard_notes, used, used_res = [], {}, {}  # per shard: a few numbers; per split: counts per input file
+
+    def add_shard(n: dict) -> None:
+        nodes.add(n["node"])
+        split = n["split"]
+        used[split] = used.get(split, 0) + np.asarray(n.pop("used"), np.int64)
+        used_res[split] = used_res.get(split, 0) + np.asarray(n.pop("source_residues"), np.int64)
+        shard_notes.append(n)
+
+    _each_note(written, add_shard)
     timings["split_pack_write"] = time.monotonic() - t0 - sum(timings.values())
 
-    split_info, used, used_res = {}, np.zeros(n_files, np.int64), {}
+    split_info = {}
     for split in shards.SPLITS:
         mine = sorted((n for n in shard_notes if n["split"] == split), key=lambda n: n["bucket"])
         if not mine:
@@ -757,11 +789,9 @@ def _pipeline(ray, srcs, inputs, n_files, ood_index, n_buckets, est_residues, bu
                              "rows": sum(n["rows"] for n in mine), "files": [n["file"] for n in mine],
                              "shards": [{"file": n["file"], "rows": n["rows"]} for n in mine],
                              "row_group_rows": _row_group_rows()}
-        used_res[split] = np.sum([n["source_residues"] for n in mine], axis=0)
-        if split != "test":
-            used += np.sum([n["used"] for n in mine], axis=0)
     if "train" not in split_info:
         raise UserError("too few sequences to make a training split")
+    used_records = used["train"] + used.get("val", 0)  # records used by the mix (the test split is apart)
     train_res = used_res["train"]
     val_res = used_res.get("val", np.zeros(n_files, np.int64))
     total_train = float(train_res[:n_src].sum())
@@ -770,7 +800,7 @@ def _pipeline(ray, srcs, inputs, n_files, ood_index, n_buckets, est_residues, bu
     for i, s in enumerate(srcs):
         e = _source_entry(names[i], s.weight, file_stats[i], unique[i], unique_res[i], dups[i], dup_res[i])
         r_used = int(train_res[i] + val_res[i])
-        e.update({"records_used": int(used[i]), "residues_used": r_used,
+        e.update({"records_used": int(used_records[i]), "residues_used": r_used,
                   "residues_dropped_by_mixing": int(avail[i] - r_used),
                   "train_residues": int(train_res[i]), "val_residues": int(val_res[i]),
                   "target_share": (s.weight / w_active) if s.weight > 0 else 0.0,
@@ -802,7 +832,7 @@ def _pipeline(ray, srcs, inputs, n_files, ood_index, n_buckets, est_residues, bu
         },
     }
     manifest["hash"] = manifest_hash(manifest)
-    timings["nodes"] = sorted({n["node"] for n in notes + shard_notes})  # where tasks ran (not saved)
+    timings["nodes"] = sorted(nodes)  # where tasks ran (not saved)
     return manifest
 
 
