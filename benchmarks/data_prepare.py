@@ -251,6 +251,12 @@ def main() -> int:
         child(args)
         return 0
 
+    n_shards = len(list(CORPUS.glob("uniprot-go2014-part-*.fasta.gz")))
+    if not n_shards:
+        ap.error(f"no uniprot-go2014-part-*.fasta.gz under {CORPUS}; set PROTSCALE_CORPUS to the shared proteins")
+    for size in args.sizes.split(","):
+        if size not in ("all", "2x") and not (size.isdigit() and 1 <= int(size) <= n_shards):
+            ap.error(f"--sizes: {size!r} is not a number of shards (1 to {n_shards}), 'all' or '2x'")
     print(f"machine: {os.cpu_count()} CPUs; corpus {CORPUS}")
     rows = []
     for size in args.sizes.split(","):
